@@ -1,0 +1,33 @@
+# The two commands of a fresh machine:  `make repro` (the whole pipeline)  and  `make test`.
+# Both create .venv when missing and install the project into it; both are safe to repeat.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(abspath $(VENV))/bin
+STAMP  := $(VENV)/.installed
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install repro test test-all lint bench ui sweep clean-outputs
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+repro: $(STAMP)  ## the full pipeline on the embedded default: prepare -> pretrain -> evals -> report
+	$(BIN)/dvc repro
+
+test: $(STAMP)  ## the default test suite (exit 5, "no tests collected", counts as a failure)
+	$(BIN)/python -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-all: $(STAMP)  ## every test, the slow ones included
+	$(BIN)/python -m pytest -m ''
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)  ## each benchmark prints one JSON object
+	@for f in benchmarks/*.py; do echo "# $$f" >&2; $(BIN)/python $$f || exit 1; done

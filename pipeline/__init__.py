@@ -1,0 +1,1 @@
+"""I-JEPA experiment pipeline: data, masking, models, training, tracking."""

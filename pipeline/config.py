@@ -1,0 +1,531 @@
+"""Typed, validated view of params.yaml.
+
+Every section of params.yaml is a frozen dataclass below. `load_config` reads the file, applies the
+named preset (`preset: demo | paper`), then the explicit values of the file, and validates the result.
+Anything wrong (an unknown key, a wrong type, an out-of-range value) raises `ConfigError`, whose
+message is one line naming the key, the bad value and what is allowed; stages turn it into a non-zero
+exit before doing any work.
+
+Precedence, lowest first: dataclass defaults (the paper's settings) < preset < params.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+# name -> (embed_dim, depth, num_heads, mlp_ratio); the I-JEPA repo's vision_transformer.py values.
+ENCODER_PRESETS: dict[str, tuple[int, int, int, float]] = {
+    "vit_tiny": (192, 12, 3, 4.0),
+    "vit_small": (384, 12, 6, 4.0),
+    "vit_base": (768, 12, 12, 4.0),
+    "vit_large": (1024, 24, 16, 4.0),
+    "vit_huge": (1280, 32, 16, 4.0),
+    "vit_giant": (1408, 40, 16, 48 / 11),
+}
+PATCH_SIZES = (8, 14, 16)
+MASK_STRATEGIES = ("multiblock", "random", "block", "rasterized")
+
+
+class ConfigError(PipelineError):
+    """A bad value in params.yaml. `str()` is one line: key, bad value, what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(key)
+
+    def __str__(self) -> str:
+        return f"params: {self.key} = {self.value!r} is not allowed; expected {self.allowed}"
+
+    def under(self, prefix: str) -> ConfigError:
+        return ConfigError(f"{prefix}.{self.key}" if prefix else self.key, self.value, self.allowed)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def _check_range(key: str, pair: tuple[float, float], lo: float, hi: float, lo_open: bool = True) -> None:
+    """A (min, max) pair inside (lo, hi] (or [lo, hi] when not lo_open) with min <= max."""
+    a, b = pair
+    inside = (lambda v: lo < v <= hi) if lo_open else (lambda v: lo <= v <= hi)
+    bracket = "(" if lo_open else "["
+    _check(inside(a) and inside(b), key, list(pair), f"both ends in {bracket}{lo}, {hi}]")
+    _check(a <= b, key, list(pair), "[min, max] with min <= max")
+
+
+# ----------------------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The embedded default: procedural scenes written in the real on-disk formats by `prepare`."""
+
+    seed: int = 0
+    train_scenes: int = 2400  # shared by the ImageNet-, CLEVR- and NYU-format exports
+    val_scenes: int = 800
+    subset_fraction: float = 0.01  # the "1%" list; at least one image per class
+    distance_thresholds: tuple[float, ...] | None = None  # None: from the data's quantiles
+    processes: int = 2
+
+    def __post_init__(self):
+        _check(self.train_scenes >= 16, "train_scenes", self.train_scenes, "an integer >= 16")
+        _check(self.val_scenes >= 8, "val_scenes", self.val_scenes, "an integer >= 8")
+        _check(0 < self.subset_fraction <= 1, "subset_fraction", self.subset_fraction, "a number in (0, 1]")
+        _check(self.processes >= 1, "processes", self.processes, "an integer >= 1")
+        t = self.distance_thresholds
+        _check(t is None or (len(t) == 7 and list(t) == sorted(t)), "distance_thresholds", t,
+               "null or 7 increasing bin edges (6 classes)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data lives. `source: synthetic` generates the embedded default into `root`."""
+
+    source: Literal["synthetic", "real"] = "synthetic"
+    root: str = "data"
+    image_size: int = 224
+    imagenet_root: str | None = None  # folder with train/<wnid>/ and val/<wnid>/
+    imagenet_subset: str | None = None  # the 1% list (one `n01440764_10026.JPEG` per line)
+    clevr_root: str | None = None  # CLEVR_v1.0 folder with images/ and scenes/
+    nyu_root: str | None = None  # folder with nyu_depth_v2_labeled.mat and splits.mat
+    on_corrupt: Literal["skip", "fail"] = "skip"
+    num_workers: int = 1  # DataLoader worker processes per training worker
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self):
+        _check(self.image_size >= 16, "image_size", self.image_size, "an integer >= 16")
+        _check(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        if self.source == "real":
+            for key in ("imagenet_root",):
+                _check(getattr(self, key) is not None, key, None, "a path when source is 'real'")
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """I-JEPA masking; defaults are the paper's (Sec. 3, Fig. 4)."""
+
+    strategy: str = "multiblock"
+    num_targets: int = 4
+    pred_scale: tuple[float, float] = (0.15, 0.2)
+    pred_aspect: tuple[float, float] = (0.75, 1.5)
+    enc_scale: tuple[float, float] = (0.85, 1.0)
+    enc_aspect: tuple[float, float] = (1.0, 1.0)
+    min_keep: int = 10
+    allow_overlap: bool = False
+
+    def __post_init__(self):
+        _check(self.strategy in MASK_STRATEGIES, "strategy", self.strategy, f"one of {list(MASK_STRATEGIES)}")
+        _check(self.num_targets >= 1, "num_targets", self.num_targets, "an integer >= 1")
+        _check_range("pred_scale", self.pred_scale, 0.0, 1.0)
+        _check_range("enc_scale", self.enc_scale, 0.0, 1.0)
+        _check_range("pred_aspect", self.pred_aspect, 0.0, float("inf"))
+        _check_range("enc_aspect", self.enc_aspect, 0.0, float("inf"))
+        _check(self.min_keep >= 1, "min_keep", self.min_keep, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Encoder preset and the narrow predictor."""
+
+    name: str = "vit_huge"
+    patch_size: int = 14
+    pred_depth: int = 12
+    pred_emb_dim: int = 384
+
+    def __post_init__(self):
+        _check(self.name in ENCODER_PRESETS, "name", self.name, f"one of {list(ENCODER_PRESETS)}")
+        _check(self.patch_size in PATCH_SIZES, "patch_size", self.patch_size, f"one of {list(PATCH_SIZES)}")
+        _check(self.pred_depth >= 1, "pred_depth", self.pred_depth, "an integer >= 1")
+        _check(self.pred_emb_dim >= 8 and self.pred_emb_dim % 8 == 0, "pred_emb_dim", self.pred_emb_dim,
+               "a positive multiple of 8")
+
+    @property
+    def embed_dim(self) -> int:
+        return ENCODER_PRESETS[self.name][0]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup + cosine LR, cosine weight decay and a linear EMA schedule (paper, App. A)."""
+
+    lr: float = 1e-3
+    start_lr: float = 2e-4
+    final_lr: float = 1e-6
+    warmup_epochs: float = 40
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    ema: tuple[float, float] = (0.996, 1.0)
+    ipe_scale: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    loss: Literal["smooth_l1", "l2"] = "smooth_l1"
+    grad_clip: float | None = None
+
+    def __post_init__(self):
+        for key in ("lr", "start_lr", "final_lr", "weight_decay", "final_weight_decay"):
+            _check(getattr(self, key) >= 0, key, getattr(self, key), "a number >= 0")
+        _check(self.lr > 0, "lr", self.lr, "a number > 0")
+        _check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "a number >= 0")
+        _check_range("ema", self.ema, 0.0, 1.0, lo_open=False)
+        _check(self.ipe_scale >= 1.0, "ipe_scale", self.ipe_scale, "a number >= 1")
+        _check_range("betas", self.betas, 0.0, 1.0, lo_open=False)
+        _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "null or > 0")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The pretraining run: length, global batch, checkpoints, logging, collapse alarms."""
+
+    epochs: int = 300
+    batch_size: int = 2048  # global, split over Ray workers
+    seed: int = 0
+    checkpoint_every: int = 1000  # steps
+    num_to_keep: int = 2
+    max_failures: int = 1
+    log_every: int = 10  # steps
+    bf16: bool = True  # autocast on GPU only
+    collapse_std_min: float = 0.01  # std of target features across the batch
+    collapse_rank_min: float = 2.0  # RankMe effective rank of pooled embeddings
+    out_dir: str = "models"
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        for key in ("checkpoint_every", "num_to_keep", "log_every"):
+            _check(getattr(self, key) >= 1, key, getattr(self, key), "an integer >= 1")
+        _check(self.max_failures >= -1, "max_failures", self.max_failures, "an integer >= -1 (-1: unlimited)")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where training runs: local Ray by default, an existing cluster when `address` is set."""
+
+    address: str | None = None  # null: a local Ray started on demand; "host:port" joins a cluster
+    num_workers: int = 2
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    accelerator_type: str | None = None  # e.g. "A100"
+    storage_path: str = "ray_results"
+
+    def __post_init__(self):
+        _check(self.num_workers >= 1, "num_workers", self.num_workers, "an integer >= 1")
+        for k, v in self.resources_per_worker.items():
+            _check(v >= 0, f"resources_per_worker.{k}", v, "a number >= 0")
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """Tracking: an embedded SQLite store in the repo unless `tracking_uri` names a server."""
+
+    tracking_uri: str | None = None  # null: sqlite:///<repo>/mlflow.db
+    artifact_root: str = "mlartifacts"  # for the embedded store only
+    experiment: str = "ijepa"
+    system_metrics: bool = True
+
+    def __post_init__(self):
+        _check(bool(self.experiment.strip()), "experiment", self.experiment, "a non-empty name")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """A linear head trained on cached frozen features, its lr/wd picked on a split of train."""
+
+    batch_size: int = 256  # feature extraction
+    epochs: int = 100
+    lrs: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+    weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3)
+    val_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        _check(len(self.lrs) >= 1 and all(v > 0 for v in self.lrs), "lrs", list(self.lrs),
+               "a non-empty list of numbers > 0")
+        _check(len(self.weight_decays) >= 1 and all(v >= 0 for v in self.weight_decays), "weight_decays",
+               list(self.weight_decays), "a non-empty list of numbers >= 0")
+        _check(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "a number in (0, 1)")
+
+
+@dataclass(frozen=True)
+class DepthProbeConfig(ProbeConfig):
+    """NYU depth head: 256-bin classification over [min_depth, max_depth] (DINOv2) or regression."""
+
+    head: Literal["bins", "regression"] = "bins"
+    num_bins: int = 256
+    min_depth: float = 1e-3
+    max_depth: float = 10.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.num_bins >= 2, "num_bins", self.num_bins, "an integer >= 2")
+        _check(0 < self.min_depth < self.max_depth, "min_depth", self.min_depth, "0 < min_depth < max_depth")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Ray Tune sweep over the masking; each list is a grid axis (or sampled from, `search: random`)."""
+
+    search: Literal["grid", "random"] = "grid"
+    num_samples: int = 1  # grid: repeats of the grid; random: number of trials
+    pred_scale: tuple[tuple[float, float], ...] = ((0.15, 0.2),)
+    enc_scale: tuple[tuple[float, float], ...] = ((0.85, 1.0),)
+    num_targets: tuple[int, ...] = (4,)
+    strategy: tuple[str, ...] = ("multiblock",)
+    epochs: int = 2  # per-trial pretraining budget
+    resources_per_trial: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    max_concurrent_trials: int = 1
+    asha_grace_epochs: int = 1
+
+    def __post_init__(self):
+        axes = {"pred_scale": self.pred_scale, "enc_scale": self.enc_scale,
+                "num_targets": self.num_targets, "strategy": self.strategy}
+        for key, axis in axes.items():
+            _check(len(axis) >= 1, key, list(axis), "a non-empty list")
+        for i, pair in enumerate(self.pred_scale):
+            _check_range(f"pred_scale[{i}]", pair, 0.0, 1.0)
+        for i, pair in enumerate(self.enc_scale):
+            _check_range(f"enc_scale[{i}]", pair, 0.0, 1.0)
+        for s in self.strategy:
+            _check(s in MASK_STRATEGIES, "strategy", s, f"each one of {list(MASK_STRATEGIES)}")
+        _check(all(n >= 1 for n in self.num_targets), "num_targets", list(self.num_targets), "integers >= 1")
+        _check(self.num_samples >= 1, "num_samples", self.num_samples, "an integer >= 1")
+        _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        _check(self.max_concurrent_trials >= 1, "max_concurrent_trials", self.max_concurrent_trials,
+               "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole of params.yaml."""
+
+    preset: str = "paper"
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    eval_linear: ProbeConfig = field(default_factory=ProbeConfig)
+    eval_semi: ProbeConfig = field(default_factory=ProbeConfig)
+    eval_clevr: ProbeConfig = field(default_factory=ProbeConfig)
+    eval_depth: DepthProbeConfig = field(default_factory=DepthProbeConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def __post_init__(self):
+        _check(self.preset in PRESETS, "preset", self.preset, f"one of {list(PRESETS)}")
+        grid, patch = self.data.image_size, self.model.patch_size
+        _check(grid % patch == 0, "data.image_size", grid, f"a multiple of model.patch_size ({patch})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """`{"mask.pred_scale": (0.15, 0.2), ...}`: for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and not (prefix.endswith("resources_per_worker")
+                                                or prefix.endswith("resources_per_trial")):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+    def hash(self, *sections: str) -> str:
+        """A short stable hash of the named sections (all when none): names a run by its params."""
+        d = self.to_dict()
+        chosen = {k: d[k] for k in sections} if sections else d
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=list).encode()).hexdigest()[:12]
+
+    def replace(self, **overrides: Any) -> Config:
+        """A copy with dotted keys replaced, validated: `cfg.replace(**{"mask.num_targets": 2})`."""
+        d = self.to_dict()
+        for dotted, value in overrides.items():
+            _set_dotted(d, dotted, value)
+        return build(Config, d)
+
+
+# --------------------------------------------------------------------------------------------- presets
+
+# Keys a preset sets. params.yaml should leave them out, so that switching the preset switches them.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The I-JEPA ViT-H/14 setting of the paper (ImageNet-1k, 300 epochs, batch 2048).
+    "paper": {},
+    # A CPU demo: ViT-Tiny/8 on 64 px scenes, pretrains in minutes on 2 cores.
+    "demo": {
+        "data.image_size": 64,
+        "model.name": "vit_tiny",
+        "model.patch_size": 8,
+        "model.pred_depth": 4,
+        "model.pred_emb_dim": 96,
+        "optim.warmup_epochs": 1,
+        "pretrain.epochs": 10,
+        "pretrain.batch_size": 64,
+        "pretrain.checkpoint_every": 50,
+        "pretrain.log_every": 5,
+        "eval_linear.epochs": 60,
+        "eval_semi.epochs": 60,
+        "eval_clevr.epochs": 60,
+        "eval_depth.epochs": 30,
+    },
+}
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(dotted, value, "a key inside a section")
+    d[leaf] = value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + str(list(typing.get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+    if origin is dict:
+        return "a mapping of names to numbers"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping (section)"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; lists become tuples, ints become floats."""
+    bad = ConfigError(key, value, _type_name(tp))
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return build(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise bad
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise bad
+        return {str(k): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and bad values."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(where, data[key], f"a known key of {prefix or 'the top level'}: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}.{name}" if prefix else name)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # __post_init__ names its own field only
+        raise e.under(prefix) from None
+
+
+def from_dict(raw: dict[str, Any] | None) -> Config:
+    """Preset values first, then the explicit values of `raw`; validated."""
+    raw = dict(raw or {})
+    preset = raw.get("preset", "paper")
+    if preset not in PRESETS:
+        raise ConfigError("preset", preset, f"one of {list(PRESETS)}")
+    merged: dict[str, Any] = {}
+    for dotted, value in PRESETS[preset].items():
+        _set_dotted(merged, dotted, value)
+    for key, value in raw.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return build(Config, merged)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    """Read and validate params.yaml. Raises ConfigError (one line) or FileNotFoundError."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}", "<unparsable>", "valid YAML") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(str(path), raw, "a mapping of sections")
+    return from_dict(raw)

@@ -1,0 +1,113 @@
+"""params.yaml -> typed config: the committed file loads, every preset builds, bad values are rejected."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ENCODER_PRESETS, PRESETS, Config, ConfigError, from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def committed() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_committed_params_load():
+    cfg = load_config(ROOT / "params.yaml")
+    assert cfg.preset == "demo"
+    assert cfg.model.name == "vit_tiny" and cfg.data.image_size == 64
+    assert cfg.mask.pred_scale == (0.15, 0.2) and cfg.mask.num_targets == 4
+    assert isinstance(cfg.ray.resources_per_worker["CPU"], float)
+
+
+def test_paper_preset_is_one_key_away():
+    raw = committed()
+    raw["preset"] = "paper"
+    cfg = from_dict(raw)
+    assert (cfg.model.name, cfg.model.patch_size, cfg.data.image_size) == ("vit_huge", 14, 224)
+    assert (cfg.pretrain.epochs, cfg.pretrain.batch_size, cfg.model.pred_emb_dim) == (300, 2048, 384)
+
+
+def test_explicit_value_beats_preset():
+    cfg = from_dict({"preset": "demo", "model": {"name": "vit_small"}})
+    assert cfg.model.name == "vit_small" and cfg.model.patch_size == 8
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_builds(preset):
+    assert isinstance(from_dict({"preset": preset}), Config)
+
+
+@pytest.mark.parametrize("name", sorted(ENCODER_PRESETS))
+@pytest.mark.parametrize("patch", [14, 16])
+def test_every_encoder_preset_is_accepted(name, patch):
+    cfg = from_dict({"preset": "paper", "model": {"name": name, "patch_size": patch},
+                     "data": {"image_size": 224}})
+    assert cfg.model.embed_dim == ENCODER_PRESETS[name][0]
+
+
+BAD = [
+    ({"mask": {"pred_scle": [0.1, 0.2]}}, "mask.pred_scle"),
+    ({"bogus_section": {}}, "bogus_section"),
+    ({"mask": {"pred_scale": [0.0, 0.2]}}, "mask.pred_scale"),
+    ({"mask": {"pred_scale": [0.15, 1.2]}}, "mask.pred_scale"),
+    ({"mask": {"enc_scale": [0.9, 0.8]}}, "mask.enc_scale"),
+    ({"mask": {"strategy": "blocky"}}, "mask.strategy"),
+    ({"mask": {"num_targets": "four"}}, "mask.num_targets"),
+    ({"mask": {"allow_overlap": 1}}, "mask.allow_overlap"),
+    ({"optim": {"lr": -0.1}}, "optim.lr"),
+    ({"optim": {"loss": "l1"}}, "optim.loss"),
+    ({"model": {"name": "vit_enormous"}}, "model.name"),
+    ({"model": {"patch_size": 15}}, "model.patch_size"),
+    ({"ray": {"num_workers": 0}}, "ray.num_workers"),
+    ({"data": {"synthetic": {"processes": 0}}}, "data.synthetic.processes"),
+    ({"data": {"image_size": 70}}, "data.image_size"),
+    ({"eval_depth": {"num_bins": 1}}, "eval_depth.num_bins"),
+    ({"tune": {"pred_scale": []}}, "tune.pred_scale"),
+    ({"tune": {"pred_scale": [[0.3, 0.2]]}}, "tune.pred_scale[0]"),
+    ({"preset": "huge"}, "preset"),
+]
+
+
+@pytest.mark.parametrize("override,key", BAD, ids=[k for _, k in BAD])
+def test_bad_values_are_rejected_naming_key_and_value(override, key):
+    raw = committed()
+    for section, value in override.items():
+        raw[section] = {**raw[section], **value} if isinstance(value, dict) and section in raw else value
+    with pytest.raises(ConfigError) as err:
+        from_dict(raw)
+    msg = str(err.value)
+    assert err.value.key == key, msg
+    assert "\n" not in msg and key in msg and "expected" in msg
+
+
+def test_replace_validates():
+    cfg = load_config(ROOT / "params.yaml")
+    assert cfg.replace(**{"mask.num_targets": 2}).mask.num_targets == 2
+    with pytest.raises(ConfigError):
+        cfg.replace(**{"mask.num_targets": 0})
+
+
+def test_hash_is_stable_and_sensitive():
+    a = load_config(ROOT / "params.yaml")
+    assert a.hash() == load_config(ROOT / "params.yaml").hash()
+    assert a.hash() != a.replace(**{"optim.lr": 0.002}).hash()
+    assert a.hash("data") == a.replace(**{"optim.lr": 0.002}).hash("data")
+
+
+def test_stage_exits_nonzero_with_one_line_on_bad_key(tmp_path):
+    raw = committed()
+    raw["mask"]["pred_scle"] = [0.1, 0.2]
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    code = "from pipeline.cli import run_stage; run_stage(lambda cfg: print('WORKED'), 'x')"
+    proc = subprocess.run([sys.executable, "-c", code, "--params", str(bad)], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 2
+    assert "WORKED" not in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "mask.pred_scle" in lines[0]
