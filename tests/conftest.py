@@ -1,0 +1,37 @@
+"""Shared fixtures: the repo root and a tiny config that runs anywhere in seconds."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def demo_cfg() -> Config:
+    """The committed params.yaml (preset demo)."""
+    return load_config(ROOT / "params.yaml")
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path) -> Config:
+    """Smaller than the demo: 32 px, 2 epochs of a few steps, outputs under tmp_path."""
+    return load_config(ROOT / "params.yaml").replace(**{
+        "data.image_size": 32,
+        "data.root": str(tmp_path / "data"),
+        "data.synthetic.train_scenes": 64,
+        "data.synthetic.val_scenes": 32,
+        "model.pred_depth": 1,
+        "model.pred_emb_dim": 32,
+        "pretrain.epochs": 2,
+        "pretrain.batch_size": 16,
+        "pretrain.checkpoint_every": 2,
+        "pretrain.log_every": 1,
+        "pretrain.out_dir": str(tmp_path / "models"),
+        "ray.storage_path": str(tmp_path / "ray_results"),
+        "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "mlflow.artifact_root": str(tmp_path / "mlartifacts"),
+        "mask.min_keep": 2,
+    })
