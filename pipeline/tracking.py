@@ -1,0 +1,133 @@
+"""The one module that talks to MLflow.
+
+Embedded default: a SQLite store `mlflow.db` and an artifact folder in the repo; `mlflow.tracking_uri`
+points at a server instead. One MLflow run per pipeline run (the pretrain stage opens it and writes its
+id to a small file that dvc declares); evaluation stages log into it as child runs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import Config, MlflowConfig
+from pipeline.errors import PipelineError
+
+MAX_PARAM_CHARS = 500  # MLflow's limit on a param value (6000 on new servers; 500 is safe everywhere)
+
+
+def tracking_uri(cfg: MlflowConfig, root: Path | None = None) -> str:
+    """`cfg.tracking_uri`, or `sqlite:///<root>/mlflow.db` (absolute) for the embedded store."""
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    root = (root or Path.cwd()).resolve()
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _check_reachable(uri: str) -> None:
+    """A server that does not answer fails here, in one line, before any training starts."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise PipelineError(f"MLflow server {uri} is unreachable ({reason}); start it or set "
+                            "mlflow.tracking_uri: null for the embedded store") from None
+
+
+def connect(cfg: MlflowConfig, root: Path | None = None) -> str:
+    """Point MLflow at the configured store and experiment; returns the experiment id."""
+    uri = tracking_uri(cfg, root)
+    _check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        location = None
+        if uri.startswith("sqlite:"):
+            location = (Path(root or Path.cwd()) / cfg.artifact_root).resolve().as_uri()
+        return client.create_experiment(cfg.experiment, artifact_location=location)
+    return exp.experiment_id
+
+
+def git_commit(root: Path | None = None) -> str:
+    """HEAD's commit, with `-dirty` when the tree has changes; "unknown" outside a git checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def flat_params(cfg: Config) -> dict[str, str]:
+    """Every config value as an MLflow param (`mask.pred_scale` -> "(0.15, 0.2)")."""
+    return {k: str(v)[:MAX_PARAM_CHARS] for k, v in cfg.flat().items()}
+
+
+@contextmanager
+def pipeline_run(cfg: Config, run_name: str, run_id: str | None = None, root: Path | None = None):
+    """Open (or reopen, with `run_id`) the pipeline's MLflow run; tags it with git commit and params hash.
+
+    Yields the active `mlflow.ActiveRun`. System metrics follow `cfg.mlflow.system_metrics`.
+    """
+    exp_id = connect(cfg.mlflow, root)
+    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=run_name,
+                          log_system_metrics=cfg.mlflow.system_metrics) as run:
+        if run_id is None:
+            mlflow.log_params(flat_params(cfg))
+            mlflow.set_tags({"git_commit": git_commit(root), "params_hash": cfg.hash(),
+                             "preset": cfg.preset})
+        yield run
+
+
+@contextmanager
+def child_run(parent_run_id: str, run_name: str, params: dict[str, Any] | None = None):
+    """A nested run under `parent_run_id` (an evaluation inside the pretraining run)."""
+    exp_id = mlflow.get_run(parent_run_id).info.experiment_id
+    with mlflow.start_run(run_id=parent_run_id, experiment_id=exp_id), \
+            mlflow.start_run(run_name=run_name, nested=True, experiment_id=exp_id) as run:
+        if params:
+            mlflow.log_params({k: str(v)[:MAX_PARAM_CHARS] for k, v in params.items()})
+        yield run
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def set_tag(key: str, value: str) -> None:
+    mlflow.set_tag(key, value)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def write_run_id(run_id: str, path: str | Path) -> None:
+    """The run id for later stages, written atomically (a dvc-declared out)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(run_id + "\n")
+    tmp.replace(path)
+
+
+def read_run_id(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: no MLflow run id; run the pretrain stage first (dvc repro pretrain)")
+    run_id = path.read_text().strip()
+    if not run_id.isalnum():
+        raise PipelineError(f"{path}: {run_id!r} is not an MLflow run id (expected a hex string)")
+    return run_id
