@@ -1,0 +1,248 @@
+"""I-JEPA masking (Assran et al. 2023, Sec. 3): context and target patch indices for a batch.
+
+`MaskCollator(cfg, grid, seed).sample(batch_size, step)` returns
+
+* ``masks_enc``  LongTensor (B, Kc): sorted patch indices (row-major, ``r * W + c``) of the context;
+* ``masks_pred`` LongTensor (B, M, Kt): sorted patch indices of each of the M target blocks.
+
+Reproducibility: every call builds a fresh ``numpy.random.default_rng([seed, step])``; nothing depends on
+process-local state (no counters, no global RNG), so a DataLoader or Ray worker that samples the same
+``(seed, step)`` gets the same masks.
+
+Step handling (the choice for ``__call__``): the step is passed explicitly, ``collator(batch, step)``.
+A DataLoader cannot pass it, so the training loop uses ``default_collate`` as the loader's collate_fn and
+calls ``collator.sample(len(batch), step)`` itself (or ``collator(list_of_items, step)``).
+
+Equal lengths without positional bias: masks in a batch differ in size, but a tensor needs one length.
+The official code keeps the *first* k indices of each mask, which biases what survives toward the top-left.
+Here each mask keeps a uniformly random subset of size k (random keys + ``argpartition``), then sorts it.
+``Kc`` is the minimum context size over the batch; ``Kt`` is the minimum over the batch *and* the M blocks
+(one length for the whole (B, M, Kt) tensor).
+
+Strategies (``cfg.strategy``):
+
+* ``multiblock`` (the paper's): per image, M = ``num_targets`` target blocks with scale ~ U(pred_scale),
+  aspect ~ U(pred_aspect); one context block with scale ~ U(enc_scale), aspect ~ U(enc_aspect); the context
+  is the context block minus every target patch (unless ``allow_overlap``). Block sizes are
+  ``h = round(sqrt(scale*N*aspect))``, ``w = round(sqrt(scale*N/aspect))`` clipped to the grid; the top-left
+  corner is uniform on ``0..H-h`` and ``0..W-w`` inclusive, so the last row/column can be covered (the
+  official ``randint(0, H - h)`` never covers them). Everything is vectorised over the batch.
+  If an image's context has fewer than ``min_keep`` patches, all its blocks are resampled, vectorised over
+  the failing images only, up to ``MAX_RETRIES`` rounds; images still failing then take the whole
+  complement of their targets as context (the context block grows to the full grid), and if even that is
+  below ``min_keep`` a ``ValueError`` names the infeasible config.
+* ``random``: a uniformly random 60% of the patches is the one target (M = 1), the rest the context.
+* ``block``: one square target block of scale 0.6 at a uniformly random position (M = 1); the context is
+  its complement.
+* ``rasterized``: the grid is split into quadrants at (H // 2, W // 2); one quadrant, uniformly random per
+  image, is the context and the other three are the M = 3 target blocks.
+
+``min_keep`` is guaranteed for the multiblock context; the other strategies have fixed sizes and raise
+``ValueError`` at construction when their context would be smaller than ``min_keep``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import default_collate
+
+from pipeline.config import MaskConfig
+
+MAX_RETRIES = 20
+RANDOM_TARGET_FRACTION = 0.6
+BLOCK_TARGET_SCALE = 0.6
+
+
+def apply_masks(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Keep the patches named by `masks`: x (B, N, D), masks (B, K) int64 -> (B, K, D), via gather."""
+    return torch.gather(x, 1, masks.unsqueeze(-1).expand(-1, -1, x.size(-1)))
+
+
+def _block_sizes(rng: np.random.Generator, n: int, grid: tuple[int, int], scale: tuple[float, float],
+                 aspect: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(h, w) of n blocks, each of shape (n,) int64, scale ~ U(scale), aspect ~ U(aspect), clipped to grid."""
+    H, W = grid
+    u = rng.random((2, n))
+    s = (scale[0] + (scale[1] - scale[0]) * u[0]) * (H * W)
+    a = aspect[0] + (aspect[1] - aspect[0]) * u[1]
+    h = np.clip(np.rint(np.sqrt(s * a)), 1, H).astype(np.int64)
+    w = np.clip(np.rint(np.sqrt(s / a)), 1, W).astype(np.int64)
+    return h, w
+
+
+def _place(rng: np.random.Generator, h: np.ndarray, w: np.ndarray,
+           grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rectangles of sizes (h, w), shapes (n,), with the top-left uniform on 0..H-h, 0..W-w inclusive.
+
+    Returns (mask bool (n, H*W), top (n,), left (n,)).
+    """
+    H, W = grid
+    u = rng.random((2, len(h)))
+    top = (u[0] * (H - h + 1)).astype(np.int64)
+    left = (u[1] * (W - w + 1)).astype(np.int64)
+    rows, cols = np.arange(H), np.arange(W)
+    in_r = (rows >= top[:, None]) & (rows < (top + h)[:, None])
+    in_c = (cols >= left[:, None]) & (cols < (left + w)[:, None])
+    return (in_r[:, :, None] & in_c[:, None, :]).reshape(len(h), H * W), top, left
+
+
+def _random_order(rng: np.random.Generator, valid: np.ndarray) -> np.ndarray:
+    """Per row, the valid column indices in a uniformly random order: bool (R, C) -> int64 (R, C).
+
+    Row r's first ``valid[r].sum()`` entries are its valid columns, shuffled; the entries after them are
+    meaningless. One sort of packed integers (random bits above, the column index below) instead of an
+    argsort of float keys. With >= 40 random bits, ties (which fall back to column order) are negligible.
+    """
+    R, C = valid.shape
+    bits = max(1, (C - 1).bit_length())
+    r = rng.integers(0, 1 << (62 - bits), (R, C), dtype=np.int64)
+    vals = (r << bits) | np.arange(C, dtype=np.int64)
+    vals[~valid] = np.iinfo(np.int64).max
+    vals.sort(axis=1)
+    return vals & ((1 << bits) - 1)
+
+
+def _equal_subset(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
+    """Boolean (R, N) -> int64 (R, k), k = min row count: a uniformly random sorted subset of each row."""
+    k = int(mask.sum(1).min())
+    idx = _random_order(rng, mask)[:, :k]
+    idx.sort(axis=1)
+    return idx
+
+
+def _block_subset(rng: np.random.Generator, top: np.ndarray, left: np.ndarray, h: np.ndarray, w: np.ndarray,
+                  W: int) -> np.ndarray:
+    """Rectangles (all shapes (R,)) -> int64 (R, k), k = min h*w: a uniformly random sorted subset of each.
+
+    Works on ranks within each rectangle (row-major, 0..h*w-1), so the random keys cover only the block,
+    not the whole grid; sorted ranks map to sorted patch indices.
+    """
+    count = h * w
+    k, cmax = int(count.min()), int(count.max())
+    if k == cmax:
+        rank = np.broadcast_to(np.arange(k), (len(h), k))
+    else:
+        rank = _random_order(rng, np.arange(cmax) < count[:, None])[:, :k]
+        rank.sort(axis=1)
+    return (top[:, None] + rank // w[:, None]) * W + left[:, None] + rank % w[:, None]
+
+
+class MaskCollator:
+    """Samples I-JEPA context/target masks for a (H, W) patch grid; see the module docstring."""
+
+    def __init__(self, cfg: MaskConfig, grid: tuple[int, int], seed: int = 0):
+        self.cfg = cfg
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.seed = int(seed)
+        H, W = self.grid
+        if H < 1 or W < 1:
+            raise ValueError(f"grid {grid} must be at least 1x1")
+        self.num_patches = H * W
+        n = self.num_patches
+        if cfg.strategy == "random":
+            self.num_blocks, context = 1, n - int(round(RANDOM_TARGET_FRACTION * n))
+        elif cfg.strategy == "block":
+            side = self._square_side(BLOCK_TARGET_SCALE)
+            self.num_blocks, context = 1, n - side[0] * side[1]
+        elif cfg.strategy == "rasterized":
+            if H < 2 or W < 2:
+                raise ValueError(f"rasterized masking needs a grid of at least 2x2, got {grid}")
+            self.num_blocks, context = 3, (H // 2) * (W // 2)
+        else:
+            self.num_blocks, context = cfg.num_targets, n
+        if context < cfg.min_keep:
+            raise ValueError(f"mask.strategy {cfg.strategy} on a {H}x{W} grid keeps {context} context patches, "
+                             f"fewer than mask.min_keep = {cfg.min_keep}")
+
+    def _square_side(self, scale: float) -> tuple[int, int]:
+        H, W = self.grid
+        side = np.sqrt(scale * H * W)
+        return int(np.clip(np.rint(side), 1, H)), int(np.clip(np.rint(side), 1, W))
+
+    # ------------------------------------------------------------------------------------------ sampling
+
+    def _sample(self, rng: np.random.Generator, B: int) -> tuple[np.ndarray, np.ndarray, tuple | None]:
+        """Context bool (B, N), targets bool (B, M, N), and for rectangular targets their
+        (top, left, h, w), each (B * M,), else None."""
+        strategy, (H, W), N = self.cfg.strategy, self.grid, self.num_patches
+        if strategy == "multiblock":
+            return self._multiblock(rng, B)
+        if strategy == "random":
+            t = int(round(RANDOM_TARGET_FRACTION * N))
+            order = _random_order(rng, np.ones((B, N), bool))
+            pred = np.zeros((B, N), bool)
+            np.put_along_axis(pred, order[:, :t], True, axis=1)
+            return ~pred, pred[:, None], None
+        if strategy == "block":
+            h, w = (np.full(B, v, np.int64) for v in self._square_side(BLOCK_TARGET_SCALE))
+            pred, top, left = _place(rng, h, w, self.grid)
+            return ~pred, pred[:, None], (top, left, h, w)
+        # rasterized
+        r, c = np.arange(H) >= H // 2, np.arange(W) >= W // 2
+        quadrant = (r[:, None].astype(np.int64) * 2 + c[None, :]).reshape(N)  # 0 TL, 1 TR, 2 BL, 3 BR
+        ctx_q = rng.integers(0, 4, B)
+        enc = quadrant[None, :] == ctx_q[:, None]
+        others = np.array([[q for q in range(4) if q != k] for k in range(4)])[ctx_q]  # (B, 3)
+        pred = quadrant[None, None, :] == others[:, :, None]
+        return enc, pred, None
+
+    def _multiblock(self, rng: np.random.Generator, B: int) -> tuple[np.ndarray, np.ndarray, tuple]:
+        cfg, M, N = self.cfg, self.num_blocks, self.num_patches
+        enc = np.zeros((B, N), bool)
+        pred = np.zeros((B, M, N), bool)
+        geom = np.zeros((4, B, M), np.int64)  # top, left, h, w
+        todo = np.arange(B)
+        for _ in range(MAX_RETRIES + 1):
+            n = len(todo)
+            h, w = _block_sizes(rng, n * M, self.grid, cfg.pred_scale, cfg.pred_aspect)
+            p, top, left = _place(rng, h, w, self.grid)
+            p = p.reshape(n, M, N)
+            eh, ew = _block_sizes(rng, n, self.grid, cfg.enc_scale, cfg.enc_aspect)
+            e = _place(rng, eh, ew, self.grid)[0]
+            if not cfg.allow_overlap:
+                e &= ~p.any(1)
+            if n == B:  # the common first round: no scatter
+                pred, enc, geom = p, e, np.stack([top, left, h, w]).reshape(4, B, M)
+            else:
+                pred[todo], enc[todo] = p, e
+                geom[:, todo] = np.stack([top, left, h, w]).reshape(4, n, M)
+            todo = todo[e.sum(1) < cfg.min_keep]
+            if len(todo) == 0:
+                break
+        else:  # fallback: the whole complement of the targets as context
+            enc[todo] = ~pred[todo].any(1) if not cfg.allow_overlap else True
+            if (enc[todo].sum(1) < cfg.min_keep).any():
+                raise ValueError(f"mask config {cfg} on grid {self.grid} cannot keep mask.min_keep = "
+                                 f"{cfg.min_keep} context patches")
+        return enc, pred, tuple(geom.reshape(4, B * M))
+
+    # ------------------------------------------------------------------------------------------ public
+
+    def sample_boolean(self, batch_size: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The full masks before equal-length subsetting: context bool (B, N), targets bool (B, M, N).
+
+        Same draws as `sample(batch_size, step)` (which subsets them afterwards).
+        """
+        enc, pred, _ = self._sample(np.random.default_rng([self.seed, int(step)]), batch_size)
+        return enc, pred
+
+    def sample(self, batch_size: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """masks_enc LongTensor (B, Kc) and masks_pred LongTensor (B, M, Kt); a function of (seed, step)."""
+        rng = np.random.default_rng([self.seed, int(step)])
+        enc, pred, geom = self._sample(rng, batch_size)
+        B, M, N = pred.shape
+        masks_enc = _equal_subset(rng, enc)
+        if geom is not None:
+            masks_pred = _block_subset(rng, *geom, W=self.grid[1])
+        else:
+            masks_pred = _equal_subset(rng, pred.reshape(B * M, N))
+        return torch.from_numpy(masks_enc), torch.from_numpy(np.ascontiguousarray(masks_pred.reshape(B, M, -1)))
+
+    def __call__(self, batch: Sequence[Any], step: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """Default-collate `batch` (a list of dataset items); return (collated, masks_enc, masks_pred)."""
+        masks_enc, masks_pred = self.sample(len(batch), step)
+        return default_collate(list(batch)), masks_enc, masks_pred
