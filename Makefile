@@ -6,7 +6,7 @@ BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install repro test test-all lint bench ui sweep clean-outputs
+.PHONY: install repro test test-all lint bench ui
 
 install: $(STAMP)
 
@@ -31,3 +31,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)  ## each benchmark prints one JSON object
 	@set -e; for f in $$(ls benchmarks/*.py 2>/dev/null); do echo "# $$f" >&2; $(BIN)/python $$f; done
+
+ui: $(STAMP)  ## MLflow UI on the embedded store, loopback only: http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) \
+	  --default-artifact-root $(abspath mlartifacts) --host 127.0.0.1 --port 5000
