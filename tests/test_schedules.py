@@ -1,0 +1,84 @@
+"""Schedules, EMA update and optimizer param groups."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import OptimConfig
+from pipeline.schedules import Schedules, cosine, ema_update, linear, param_groups, warmup_cosine
+
+
+def test_warmup_cosine_values():
+    assert warmup_cosine(0, 10, 100, 2e-4, 1e-3, 1e-6) == pytest.approx(2e-4)
+    assert warmup_cosine(5, 10, 100, 2e-4, 1e-3, 1e-6) == pytest.approx(6e-4)
+    assert warmup_cosine(10, 10, 100, 2e-4, 1e-3, 1e-6) == pytest.approx(1e-3)
+    assert warmup_cosine(55, 10, 100, 2e-4, 1e-3, 1e-6) == pytest.approx((1e-3 + 1e-6) / 2)
+    assert warmup_cosine(100, 10, 100, 2e-4, 1e-3, 1e-6) == pytest.approx(1e-6)
+    assert warmup_cosine(500, 10, 100, 2e-4, 1e-3, 1e-6) == pytest.approx(1e-6)
+    assert warmup_cosine(0, 0, 100, 2e-4, 1e-3, 1e-6) == pytest.approx(1e-3)
+
+
+def test_cosine_and_linear():
+    assert cosine(0, 100, 0.04, 0.4) == pytest.approx(0.04)
+    assert cosine(50, 100, 0.04, 0.4) == pytest.approx(0.22)
+    assert cosine(100, 100, 0.04, 0.4) == pytest.approx(0.4)
+    assert linear(0, 100, 0.996, 1.0) == pytest.approx(0.996)
+    assert linear(50, 100, 0.996, 1.0) == pytest.approx(0.998)
+    assert linear(100, 100, 0.996, 1.0) == pytest.approx(1.0)
+    assert linear(200, 100, 0.996, 1.0) == pytest.approx(1.0)
+
+
+def test_schedules_from_config_with_ipe_scale():
+    s = Schedules(OptimConfig(warmup_epochs=2, ipe_scale=1.25), steps_per_epoch=8, epochs=10)
+    assert s.total_steps == 100 and s.warmup_steps == 16
+    assert s.lr(0) == pytest.approx(2e-4) and s.lr(16) == pytest.approx(1e-3)
+    # the run ends (80 steps) before the schedule does: lr stays above final, momentum below 1
+    assert s.lr(80) > 1e-6 and s.momentum(80) == pytest.approx(0.996 + 0.004 * 0.8)
+    assert s.wd(0) == pytest.approx(0.04) and s.wd(100) == pytest.approx(0.4)
+    assert s.momentum(0) == pytest.approx(0.996)
+    lrs = [s.lr(i) for i in range(16, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert not math.isnan(s.lr(10**6))
+
+
+def test_ema_update_exact():
+    torch.manual_seed(0)
+    t = [torch.randn(3, 4), torch.randn(5)]
+    o = [torch.randn(3, 4, requires_grad=True), torch.randn(5, requires_grad=True)]
+    before = [x.clone() for x in t]
+    m = 0.9
+    ema_update(t, o, m)
+    for a, b, c in zip(t, before, o, strict=True):
+        torch.testing.assert_close(a, m * b + (1 - m) * c.detach(), rtol=1e-6, atol=1e-7)
+    ema_update(t, o, 0.0)
+    for a, c in zip(t, o, strict=True):
+        torch.testing.assert_close(a, c.detach())
+    same = [x.clone() for x in t]
+    ema_update(t, [torch.zeros_like(x) for x in t], 1.0)
+    for a, b in zip(t, same, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_ema_update_on_modules():
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    ref = [m * 0.5 + (1 - 0.5) * n for m, n in zip(a.parameters(), b.parameters(), strict=True)]
+    ema_update(a.parameters(), b.parameters(), 0.5)
+    for p, r in zip(a.parameters(), ref, strict=True):
+        torch.testing.assert_close(p.detach(), r.detach())
+        assert p.grad is None
+    with pytest.raises(ValueError):
+        ema_update(list(a.parameters()), list(b.parameters())[:1], 0.5)
+
+
+def test_param_groups():
+    m = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    frozen = nn.Parameter(torch.zeros(2, 2), requires_grad=False)
+    m.register_parameter("frozen", frozen)
+    decay, no_decay = param_groups(m, 0.04)
+    assert decay["weight_decay"] == 0.04 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(m[0].weight), id(m[2].weight)}
+    assert len(no_decay["params"]) == 4
+    assert all(p is not frozen for g in (decay, no_decay) for p in g["params"])
+    torch.optim.AdamW([decay, no_decay], lr=1e-3)
