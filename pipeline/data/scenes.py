@@ -252,7 +252,7 @@ def _render(layout, cam, image_size, light, room):
             continue
         lp = ob["_obj"].to_local(P[m])
         tex = _texture(ob["texture"], lp, ob["size"], ob["_phase"])
-        base[m] = np.asarray(COLORS[ob["color"]])[None] * tex[:, None]
+        base[m] = np.asarray(COLORS[ob["color"]])[None] * (tex * ob["_albedo"])[:, None]
         metal = ob["material"] == "metal"
         spec_k[m] = 0.9 if metal else 0.15
         shin[m] = 60.0 if metal else 10.0
@@ -278,7 +278,7 @@ def _render(layout, cam, image_size, light, room):
     ndh = np.clip(np.einsum("ij,ij->i", nrm, H), 0, 1)
     diff = np.where(vis, ndl, 0.0)
     spec = np.where(vis, spec_k * ndh**shin, 0.0)
-    col = base * (0.25 + 0.85 * diff[:, None]) + spec[:, None]
+    col = base * (room["ambient"] + room["diffuse"] * diff[:, None]) + spec[:, None]
     img = (np.clip(col, 0, 1) ** (1 / 2.2) * 255 + 0.5).astype(np.uint8).reshape(n, n, 3)
     depth = np.clip(t * (v @ fwd), 0, MAX_DEPTH).astype(np.float32).reshape(n, n)
     counts = np.bincount(ids[ids >= 0], minlength=len(layout))
@@ -309,7 +309,7 @@ def _draw_layout(rng, shape, count, cam, image_size):
             "shape": shape, "color": str(rng.choice(list(COLORS))), "material": str(rng.choice(MATERIALS)),
             "texture": str(rng.choice(TEXTURES)), "size": float(size),
             "3d_coords": [float(x), 0.0, float(z)], "rotation": float(np.rad2deg(yaw)),
-            "_phase": float(rng.uniform(0, 1)),
+            "_phase": float(rng.uniform(0, 1)), "_albedo": float(rng.uniform(0.6, 1.2)),
         })
     return layout
 
@@ -328,6 +328,7 @@ def render_scene(seed: int, index: int, image_size: int = 64, min_visible_pixels
         room = {
             "tile": rng.uniform(0.5, 1.2), "floor": _color_pair(rng, 0.45, 0.8),
             "wall": _color_pair(rng, 0.4, 0.75), "wall_freq": rng.uniform(1.5, 4.0),
+            "ambient": rng.uniform(0.2, 0.4), "diffuse": rng.uniform(0.6, 0.95),
         }
         layout = _draw_layout(rng, shape, count, cam, image_size)
         if len(layout) < count:
