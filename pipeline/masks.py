@@ -15,7 +15,7 @@ calls ``collator.sample(len(batch), step)`` itself (or ``collator(list_of_items,
 
 Equal lengths without positional bias: masks in a batch differ in size, but a tensor needs one length.
 The official code keeps the *first* k indices of each mask, which biases what survives toward the top-left.
-Here each mask keeps a uniformly random subset of size k (random keys + ``argpartition``), then sorts it.
+Here each mask keeps a uniformly random subset of size k (one sort of packed random keys), then sorts it.
 ``Kc`` is the minimum context size over the batch; ``Kt`` is the minimum over the batch *and* the M blocks
 (one length for the whole (B, M, Kt) tensor).
 
