@@ -502,12 +502,7 @@ def from_dict(raw: dict[str, Any] | None) -> Config:
     merged: dict[str, Any] = {}
     for dotted, value in PRESETS[preset].items():
         _set_dotted(merged, dotted, value)
-    for key, value in raw.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return build(Config, merged)
+    return build(Config, _deep_merge(merged, raw))
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -45,6 +45,7 @@ def _check_reachable(uri: str) -> None:
 
 def connect(cfg: MlflowConfig, root: Path | None = None) -> str:
     """Point MLflow at the configured store and experiment; returns the experiment id."""
+    root = (root or Path.cwd()).resolve()
     uri = tracking_uri(cfg, root)
     _check_reachable(uri)
     mlflow.set_tracking_uri(uri)
@@ -53,7 +54,7 @@ def connect(cfg: MlflowConfig, root: Path | None = None) -> str:
     if exp is None:
         location = None
         if uri.startswith("sqlite:"):
-            location = (Path(root or Path.cwd()) / cfg.artifact_root).resolve().as_uri()
+            location = (root / cfg.artifact_root).resolve().as_uri()
         return client.create_experiment(cfg.experiment, artifact_location=location)
     return exp.experiment_id
 
