@@ -1,0 +1,82 @@
+"""The I-JEPA module: context encoder + predictor (trained) and an EMA target encoder (not trained).
+
+One forward computes the loss of a batch:
+
+    targets  = LN(target_encoder(images))              (B, N, D), layer norm without affine, no grad
+    targets  = gather(targets, masks_pred)             (B, M, Kt, D)
+    context  = encoder(images, keep_idx=masks_enc)     (B, Kc, D)
+    preds    = predictor(context, masks_enc, masks_pred)  (B, M, Kt, D)
+    loss     = smooth_l1(preds, targets)  (official code)  or  mse (the paper's text: L2)
+
+`update_target(m)` moves the target toward the context encoder: target <- m * target + (1 - m) * online.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.config import Config
+from pipeline.models.encoder import Encoder, build_encoder
+from pipeline.models.predictor import Predictor, build_predictor
+from pipeline.schedules import ema_update
+
+
+@dataclass
+class IJEPAOutput:
+    loss: Tensor  # () scalar, with grad
+    target_std: Tensor  # () detached: mean over dims of the std across the batch of pooled targets (collapse)
+    target_pooled: Tensor  # (B, D) detached: average-pooled normalised target features (for RankMe)
+
+
+class IJEPA(nn.Module):
+    def __init__(self, encoder: Encoder, predictor: Predictor, loss: str = "smooth_l1"):
+        super().__init__()
+        if loss not in ("smooth_l1", "l2"):
+            raise ValueError(f"loss {loss!r} is not allowed; expected smooth_l1 or l2")
+        self.encoder = encoder
+        self.predictor = predictor
+        self.target_encoder = copy.deepcopy(encoder)
+        self.target_encoder.requires_grad_(False)
+        self.loss_name = loss
+
+    def train(self, mode: bool = True) -> IJEPA:
+        super().train(mode)
+        self.target_encoder.eval()  # no dropout/drop-path in the teacher, ever
+        return self
+
+    @torch.no_grad()
+    def targets(self, images: Tensor, masks_pred: Tensor) -> tuple[Tensor, Tensor]:
+        """images (B, 3, H, W), masks_pred (B, M, Kt) -> targets (B, M, Kt, D) and all patches (B, N, D)."""
+        h = self.target_encoder(images)
+        h = F.layer_norm(h, (h.size(-1),))
+        B, M, Kt = masks_pred.shape
+        idx = masks_pred.reshape(B, M * Kt, 1).expand(-1, -1, h.size(-1))
+        return torch.gather(h, 1, idx).reshape(B, M, Kt, h.size(-1)), h
+
+    def forward(self, images: Tensor, masks_enc: Tensor, masks_pred: Tensor) -> IJEPAOutput:
+        """images (B, 3, H, W); masks_enc (B, Kc); masks_pred (B, M, Kt) -> loss and collapse statistics."""
+        tgt, h = self.targets(images, masks_pred)
+        ctx = self.encoder(images, keep_idx=masks_enc)
+        pred = self.predictor(ctx, masks_enc, masks_pred)
+        if self.loss_name == "smooth_l1":
+            loss = F.smooth_l1_loss(pred.float(), tgt.float())
+        else:
+            loss = F.mse_loss(pred.float(), tgt.float())
+        pooled = h.float().mean(dim=1)
+        return IJEPAOutput(loss=loss, target_std=pooled.std(dim=0).mean(), target_pooled=pooled)
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        """target <- momentum * target + (1 - momentum) * encoder, over every parameter, in one fused call."""
+        ema_update(self.target_encoder.parameters(), self.encoder.parameters(), momentum)
+
+
+def build_ijepa(cfg: Config) -> IJEPA:
+    """The I-JEPA module for `cfg.model` at `cfg.data.image_size`, loss `cfg.optim.loss`."""
+    size = cfg.data.image_size
+    return IJEPA(build_encoder(cfg.model, size), build_predictor(cfg.model, size), cfg.optim.loss)

@@ -1,0 +1,70 @@
+"""The pretrain stage's model output, read by every evaluation: `<out_dir>/encoder/`.
+
+    encoder/weights.pt   the TARGET encoder's state dict (official names, no `module.` prefix)
+    encoder/model.json   {"model": {name, patch_size, ...}, "image_size": S, "params_hash": ...}
+
+Written into a temporary sibling folder and renamed into place, so a killed stage never leaves a
+half-written encoder that an evaluation would take as complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ConfigError, ModelConfig
+from pipeline.errors import PipelineError
+from pipeline.models.encoder import Encoder, build_encoder, check_state_dict
+
+ENCODER_DIR = "encoder"
+WEIGHTS = "weights.pt"
+META = "model.json"
+
+
+def save_encoder(encoder: Encoder, model: ModelConfig, image_size: int, out_dir: str | Path,
+                 extra: dict | None = None) -> Path:
+    """Write `encoder` to `out_dir` (the folder itself is replaced atomically); return it."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+        torch.save(state, tmp / WEIGHTS)
+        meta = {"model": asdict(model), "image_size": int(image_size), **(extra or {})}
+        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> Encoder:
+    """The encoder saved by `save_encoder`, in eval mode without gradients."""
+    path = Path(path)
+    meta_file = path / META
+    if not meta_file.is_file() or not (path / WEIGHTS).is_file():
+        raise PipelineError(f"encoder {path} is missing {META} or {WEIGHTS}; run the pretrain stage first")
+    meta = json.loads(meta_file.read_text())
+    try:
+        model = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()})
+    except (KeyError, TypeError, ConfigError) as e:
+        raise PipelineError(f"encoder {meta_file}: bad model description ({e})") from None
+    encoder = build_encoder(model, int(meta["image_size"]))
+    state = torch.load(path / WEIGHTS, map_location=map_location, weights_only=True)
+    check_state_dict(state, encoder, str(path / WEIGHTS))
+    encoder.load_state_dict(state)
+    return encoder.eval().requires_grad_(False)
+
+
+def encoder_meta(path: str | Path) -> dict:
+    """The model.json of a saved encoder."""
+    return json.loads((Path(path) / META).read_text())

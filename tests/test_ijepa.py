@@ -1,0 +1,100 @@
+"""The I-JEPA module and one optimisation step: gradients, EMA, loss, schedules written, save/load."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.masks import MaskCollator
+from pipeline.metrics import rankme
+from pipeline.models import build_ijepa, load_encoder, save_encoder
+from pipeline.schedules import Schedules
+from pipeline.step import build_optimizer, set_schedules, train_step
+
+
+@pytest.fixture
+def setup(tiny_cfg):
+    torch.manual_seed(0)
+    model = build_ijepa(tiny_cfg)
+    grid = model.encoder.grid_size
+    masks = MaskCollator(tiny_cfg.mask, grid, seed=0).sample(4, step=0)
+    images = torch.randn(4, 3, tiny_cfg.data.image_size, tiny_cfg.data.image_size)
+    return tiny_cfg, model, images, masks
+
+
+def test_target_starts_as_copy_and_has_no_grad(setup):
+    _, model, images, (me, mp) = setup
+    for (n, p), q in zip(model.encoder.named_parameters(), model.target_encoder.parameters(), strict=True):
+        assert torch.equal(p, q), n
+        assert not q.requires_grad
+    out = model(images, me, mp)
+    out.loss.backward()
+    assert all(p.grad is None for p in model.target_encoder.parameters())
+    trained = [p for m in (model.encoder, model.predictor) for p in m.parameters() if p.requires_grad]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+
+
+def test_loss_matches_reference(setup):
+    _, model, images, (me, mp) = setup
+    model.eval()
+    out = model(images, me, mp)
+    h = F.layer_norm(model.target_encoder(images), (model.encoder.embed_dim,))
+    B, M, Kt = mp.shape
+    tgt = torch.stack([torch.stack([h[b, mp[b, m]] for m in range(M)]) for b in range(B)])
+    pred = model.predictor(model.encoder(images, me), me, mp)
+    assert torch.allclose(out.loss, F.smooth_l1_loss(pred, tgt), atol=1e-6)
+    model.loss_name = "l2"
+    assert torch.allclose(model(images, me, mp).loss, F.mse_loss(pred, tgt), atol=1e-6)
+
+
+def test_step_updates_lr_wd_and_ema_exactly(setup):
+    cfg, model, images, (me, mp) = setup
+    opt = build_optimizer(model, cfg.optim)
+    assert {g["weight_decay"] for g in opt.param_groups} == {cfg.optim.weight_decay, 0.0}
+    sched = Schedules(cfg.optim, steps_per_epoch=10, epochs=2)
+    before_t = copy.deepcopy(model.target_encoder.state_dict())
+    train_step(model, opt, sched, 3, images, me, mp)
+    assert all(g["lr"] == pytest.approx(sched.lr(3)) for g in opt.param_groups)
+    decayed = [g for g in opt.param_groups if not g.get("WD_exclude")]
+    assert all(g["weight_decay"] == pytest.approx(sched.wd(3)) for g in decayed)
+    m = sched.momentum(3)
+    online = dict(model.encoder.named_parameters())
+    for name, p in model.target_encoder.named_parameters():
+        want = m * before_t[name] + (1 - m) * online[name].detach()
+        assert torch.allclose(p, want, atol=1e-6), name
+
+
+def test_a_few_steps_lower_the_loss(setup):
+    cfg, model, images, (me, mp) = setup
+    opt = build_optimizer(model, cfg.optim)
+    sched = Schedules(cfg.optim.__class__(lr=3e-3, start_lr=3e-3, warmup_epochs=0), 20, 1)
+    first = train_step(model, opt, sched, 0, images, me, mp).loss.item()
+    for s in range(1, 20):
+        last = train_step(model, opt, sched, s, images, me, mp).loss.item()
+    assert last < 0.8 * first
+
+
+def test_set_schedules_leaves_excluded_groups_at_zero(setup):
+    cfg, model, _, _ = setup
+    opt = build_optimizer(model, cfg.optim)
+    sched = Schedules(cfg.optim, 10, 3)
+    lr, wd = set_schedules(opt, sched, 25)
+    assert lr == pytest.approx(sched.lr(25)) and wd == pytest.approx(sched.wd(25))
+    assert [g["weight_decay"] for g in opt.param_groups if g.get("WD_exclude")] == [0.0, 0.0]
+
+
+def test_save_load_encoder_round_trip(setup, tmp_path):
+    cfg, model, images, _ = setup
+    out = save_encoder(model.target_encoder, cfg.model, cfg.data.image_size, tmp_path / "encoder")
+    loaded = load_encoder(out)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    model.target_encoder.eval()
+    assert torch.equal(loaded(images), model.target_encoder(images))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_rankme_collapse_and_full_rank():
+    torch.manual_seed(0)
+    assert rankme(torch.ones(64, 16)) == pytest.approx(1.0, abs=1e-3)
+    assert rankme(torch.randn(512, 16)) > 14.0
