@@ -49,6 +49,7 @@ SMALL_LARGE_SPLIT = 0.4  # metres; the renderer draws radii 0.3..0.5 (x a per-sh
 # the export byte-identical.
 MATLAB_HEADER = (b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Thu Jan  1 00:00:00 1970 "
                  b"HDF5 schema 1.00 .").ljust(116, b" ") + b"\x00" * 8 + b"\x00\x02" + b"IM"
+MAT5_HEADER = b"MATLAB 5.0 MAT-file Platform: posix, Created on: Thu Jan  1 00:00:00 1970".ljust(116, b" ")
 
 
 def wnid(label: int) -> str:
@@ -122,8 +123,10 @@ class _Writer:
         with open(self.mat_path, "r+b") as f:
             f.write(MATLAB_HEADER)
         ndx = np.arange(1, n_total + 1, dtype=np.float64)[:, None]  # MATLAB doubles, column vectors
-        scipy.io.savemat(self.tmp / "nyu" / SPLITS_NAME,
-                         {"trainNdxs": ndx[:self.n_train], "testNdxs": ndx[self.n_train:]})
+        splits = self.tmp / "nyu" / SPLITS_NAME
+        scipy.io.savemat(splits, {"trainNdxs": ndx[:self.n_train], "testNdxs": ndx[self.n_train:]})
+        with open(splits, "r+b") as f:  # scipy stamps the time into the 116-byte v5 header text
+            f.write(MAT5_HEADER)
         if syn.distance_thresholds is not None:
             thresholds = check_thresholds(syn.distance_thresholds, "data.synthetic.distance_thresholds")
         else:

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pipeline.data.transforms import to_tensor
+from pipeline.data.transforms import normalize_uint8
 from pipeline.errors import PipelineError
 
 MAT_NAME = "nyu_depth_v2_labeled.mat"
@@ -103,7 +103,6 @@ class NyuDepth(Dataset):
         n, self.height, self.width = check_mat(self.mat_path)
         self.indices = read_split(self.root / SPLITS_NAME, split, n)
         self.image_size = image_size
-        self._normalise = to_tensor()
         self._file: h5py.File | None = None
         self._pid = -1
 
@@ -127,9 +126,8 @@ class NyuDepth(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, depth = self.raw(i)
-        img = Image.fromarray(image)
         if self.image_size is not None and (self.height, self.width) != (self.image_size,) * 2:
             size = (self.image_size, self.image_size)
-            img = img.resize(size, Image.BILINEAR)
+            image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
             depth = np.asarray(Image.fromarray(depth).resize(size, Image.NEAREST), dtype=np.float32)
-        return self._normalise(img), torch.from_numpy(depth.copy())
+        return normalize_uint8(image), torch.from_numpy(depth.copy())
