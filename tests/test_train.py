@@ -1,0 +1,127 @@
+"""The per-worker pretraining loop, alone in one process (no Ray): data order, masks, resume, NaN stop."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.masks import MaskCollator
+from pipeline.train import (
+    CURVE_COLUMNS,
+    MaskCollate,
+    RandomImages,
+    StepBatches,
+    StepItems,
+    epoch_order,
+    load_checkpoint,
+    train_worker,
+)
+
+
+class Recorder:
+    """A report function that keeps every report and copies each checkpoint's state."""
+
+    def __init__(self):
+        self.reports, self.checkpoints = [], []
+
+    def __call__(self, metrics, directory):
+        self.reports.append(dict(metrics))
+        if directory is not None:
+            self.checkpoints.append(load_checkpoint(directory))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # On a busy 2-core box two OpenMP threads per step run several times slower than one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cfg(tiny_cfg):
+    # 48 images, global batch 16: 3 steps per epoch, 2 epochs; DataLoader in-process for speed.
+    return tiny_cfg.replace(**{"data.num_workers": 0, "pretrain.checkpoint_every": 2})
+
+
+def test_global_batches_do_not_depend_on_world_size():
+    order = epoch_order(40, seed=3, epoch=1)
+    assert sorted(order.tolist()) == list(range(40))
+    assert not torch.equal(order, epoch_order(40, seed=3, epoch=2))
+    # Epoch starting at global step 10, steps 11..12: the two ranks' slices form the one-worker batch.
+    one = list(StepBatches(order, 10, 11, 13, 8, rank=0, world=1))
+    two = [list(StepBatches(order, 10, 11, 13, 8, rank=r, world=2)) for r in range(2)]
+    for i in range(2):
+        assert one[i] == two[0][i] + two[1][i]
+        assert {s for s, _ in one[i]} == {11 + i}
+    assert [i for s, i in one[0]] == order[8:16].tolist()
+
+
+def test_collate_takes_this_ranks_rows_of_the_global_masks(tiny_cfg):
+    collator = MaskCollator(tiny_cfg.mask, (4, 4), seed=0)
+    items = StepItems(RandomImages(8, 32))
+    enc, pred = collator.sample(8, 5)
+    for rank in range(2):
+        images, me, mp, step = MaskCollate(collator, 8, rank, 2)([items[(5, i)] for i in range(4)])
+        assert step == 5 and images.shape == (4, 3, 32, 32)
+        assert torch.equal(me, enc[rank * 4:(rank + 1) * 4]) and torch.equal(mp, pred[rank * 4:(rank + 1) * 4])
+
+
+def test_run_reports_history_checkpoints_and_done(cfg):
+    rec = Recorder()
+    done = train_worker(cfg, RandomImages(48, 32), rec)
+    assert done["done"] and done["step"] == done["steps_total"] == 6 and done["resumed_from"] == 0
+    assert [c["step"] for c in rec.checkpoints] == [2, 4, 6]
+    history = rec.checkpoints[-1]["history"]
+    assert [r["step"] for r in history] == [1, 2, 3, 4, 5, 6]
+    assert set(history[0]) == set(CURVE_COLUMNS)
+    assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in history)
+    assert history[0]["lr"] == pytest.approx(cfg.optim.start_lr)  # warmup starts at start_lr
+    assert [r["epoch"] for r in rec.reports if "epoch_loss" in r and "done" not in r] == [1, 2]
+    assert done["final_loss"] == history[-1]["loss"]
+
+
+def test_resume_mid_epoch_equals_uninterrupted_run(cfg):
+    data = RandomImages(48, 32)
+    full = Recorder()
+    train_worker(cfg, data, full)
+    # Stop after step 4 (mid-epoch 2 of 3-step epochs), restore from that checkpoint, finish.
+    part = Recorder()
+    train_worker(cfg.replace(**{"pretrain.checkpoint_every": 4}), data, part, max_epochs=2)
+    ckpt = next(c for c in part.checkpoints if c["step"] == 4)
+    rest = Recorder()
+    done = train_worker(cfg, data, rest, restore=ckpt)
+    assert done["resumed_from"] == 4 and done["step"] == 6
+    a, b = full.checkpoints[-1], rest.checkpoints[-1]
+    assert [r["step"] for r in b["history"]] == [1, 2, 3, 4, 5, 6]  # nothing repeated or lost
+    for name, t in a["model"].items():
+        assert torch.equal(t, b["model"][name]), name
+
+
+def test_max_epochs_stops_early_on_the_full_schedule(cfg):
+    rec = Recorder()
+    done = train_worker(cfg, RandomImages(48, 32), rec, max_epochs=1)
+    assert done["step"] == 3 and done["steps_total"] == 6 and done["epoch"] == 1 and done["done"]
+
+
+def test_nan_loss_stops_naming_the_step_without_checkpoint(cfg):
+    # lr so large the weights blow up after a few steps: the loss turns inf/nan.
+    cfg = cfg.replace(**{"optim.lr": 1e30, "optim.start_lr": 1e30, "pretrain.log_every": 1})
+    rec = Recorder()
+    done = train_worker(cfg, RandomImages(48, 32), rec)
+    assert not done["done"] and 1 <= done["nan_step"] <= 6 and done["step"] == done["nan_step"]
+    assert all(c["step"] < done["nan_step"] for c in rec.checkpoints)
+    assert all(math.isfinite(r["loss"]) for c in rec.checkpoints for r in c["history"])
+
+
+def test_batch_larger_than_dataset_is_one_line_error(cfg):
+    with pytest.raises(PipelineError, match="batch_size = 16"):
+        train_worker(cfg, RandomImages(8, 32), Recorder())
+
+
+def test_missing_checkpoint_file(tmp_path: Path):
+    with pytest.raises(PipelineError, match="no such checkpoint"):
+        load_checkpoint(tmp_path)
