@@ -8,6 +8,7 @@ id to a small file that dvc declares); evaluation stages log into it as child ru
 from __future__ import annotations
 
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Config, MlflowConfig
@@ -132,3 +134,33 @@ def read_run_id(path: str | Path) -> str:
     if not run_id.isalnum():
         raise PipelineError(f"{path}: {run_id!r} is not an MLflow run id (expected a hex string)")
     return run_id
+
+
+def log_artifacts(directory: str | Path, artifact_path: str | None = None) -> None:
+    """Every file under `directory` into the active run (e.g. the final encoder folder)."""
+    mlflow.log_artifacts(str(directory), artifact_path=artifact_path)
+
+
+def run_status(run_id: str) -> str | None:
+    """The status of run `run_id` in the current store (RUNNING, FINISHED, FAILED, ...), None when unknown."""
+    try:
+        return MlflowClient().get_run(run_id).info.status
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+class RunLogger:
+    """Logs into an existing run by id from any process (a Ray worker), without an active run.
+
+    `uri` is the absolute tracking URI of the driver (`tracking_uri(cfg, root)`): a worker's cwd may differ.
+    """
+
+    def __init__(self, uri: str, run_id: str):
+        self.client, self.run_id = MlflowClient(uri), run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+    def tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)

@@ -234,7 +234,6 @@ def train_worker(cfg: Config, dataset: Dataset, report: ReportFn, *, restore: di
     epoch_loss = torch.full((), epoch_loss_restored, device=device)  # sum of this epoch's losses (this rank)
     t_start, t_log, step_log = time.perf_counter(), time.perf_counter(), step
     collapse_tagged = False
-    last: dict[str, Any] = {}
     bar = progress(desc="pretrain", total=stop - step) if rank == 0 else None
 
     def check_finite() -> int | None:
@@ -242,26 +241,27 @@ def train_worker(cfg: Config, dataset: Dataset, report: ReportFn, *, restore: di
         found = int(_all_reduce(bad_step.clone(), dist.ReduceOp.MIN if dist.is_initialized() else None))
         return None if found == NO_BAD_STEP else found
 
-    def finish(extra: dict[str, Any]) -> dict[str, Any]:
-        wall = wall0 + time.perf_counter() - t_start
-        done = {"step": step, "steps_total": total, "wall_s": wall, "resumed_from": start_step,
-                "images_per_s": (step - start_step) * p.batch_size / max(1e-9, time.perf_counter() - t_start),
-                "final_loss": history[-1]["loss"] if history else float("nan"), **extra}
-        report(done, None)
+    def summary() -> dict[str, Any]:
+        """The final report: it travels with the last checkpoint (Ray keeps a checkpoint's metrics)."""
+        elapsed = time.perf_counter() - t_start
         if bar is not None:
             bar.close()
-        return done
+        return {"step": step, "steps_total": total, "wall_s": wall0 + elapsed, "resumed_from": start_step,
+                "images_per_s": (step - start_step) * p.batch_size / max(1e-9, elapsed),
+                "final_loss": history[-1]["loss"] if history else float("nan"), "done": True}
+
+    def checkpoint(metrics: dict[str, Any]) -> None:
+        _checkpoint(report, rank, model, opt, step, history,
+                    {"wall_s": wall0 + time.perf_counter() - t_start, "epoch_loss": float(epoch_loss)}, metrics)
 
     while step < stop:
-        epoch, first = divmod(step, spe)
+        epoch = step // spe
         epoch_start = epoch * spe
         last_of_epoch = min(epoch_start + spe, stop)
         sampler = StepBatches(epoch_order(len(items), p.seed, epoch), epoch_start, step, last_of_epoch,
                               p.batch_size, rank, world)
         loader = DataLoader(items, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
                             pin_memory=device.type == "cuda")
-        if first == 0:
-            epoch_loss.zero_()
         for images, masks_enc, masks_pred, s in loader:
             assert s == step, f"loader step {s} != loop step {step}"
             images, masks_enc, masks_pred = (t.to(device, non_blocking=True) for t in (images, masks_enc, masks_pred))
@@ -277,7 +277,9 @@ def train_worker(cfg: Config, dataset: Dataset, report: ReportFn, *, restore: di
             if is_log or is_ckpt:
                 nan_at = check_finite()
                 if nan_at is not None:
-                    return finish({"nan_step": nan_at, "done": False})
+                    stopped = {"step": step, "nan_step": nan_at, "done": False}
+                    report(stopped, None)
+                    return stopped
             if is_log:
                 stats = _all_reduce(torch.stack([out.loss.float(), out.target_std.float()])) / world
                 now = time.perf_counter()
@@ -293,19 +295,29 @@ def train_worker(cfg: Config, dataset: Dataset, report: ReportFn, *, restore: di
                     if bar is not None:
                         bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
                     collapse_tagged = _collapse_alarm(cfg, row, tracker, collapse_tagged)
+            metrics: dict[str, Any] = {}
+            if step == epoch_start + spe:  # a full epoch ended: what a sweep compares
+                epoch_mean = float(_all_reduce(epoch_loss.clone()) / (world * spe))
+                metrics = {"epoch": epoch + 1, "epoch_loss": epoch_mean,
+                           "rankme": history[-1]["rankme"] if history else float("nan")}
+                epoch_loss.zero_()
+            if step == stop:
+                metrics.update(summary())
             if is_ckpt:
-                _checkpoint(report, rank, model, opt, step, history,
-                            {"wall_s": wall0 + time.perf_counter() - t_start, "epoch_loss": float(epoch_loss)},
-                            {"step": step, "epoch": epoch, "loss": history[-1]["loss"] if history else None})
+                row = history[-1] if history else {"loss": float("nan"), "images_per_s": float("nan")}
+                metrics = {"step": step, "loss": row["loss"], **metrics}
+                checkpoint(metrics)
                 if rank == 0:
-                    print(f"pretrain: step {step}/{total} loss {history[-1]['loss']:.4f} "
-                          f"{history[-1]['images_per_s']:.1f} img/s, checkpoint saved", flush=True)
-        if step == epoch_start + spe:  # a full epoch ended: what a sweep compares
-            mean = float(_all_reduce(epoch_loss.clone()) / (world * spe))
-            last = {"epoch": epoch + 1, "step": step, "epoch_loss": mean,
-                    "rankme": history[-1]["rankme"] if history else float("nan")}
-            report(last, None)
-    return finish({"done": True, **{k: v for k, v in last.items() if k != "step"}})
+                    print(f"pretrain: step {step}/{total} loss {row['loss']:.4f} {row['images_per_s']:.1f} img/s, "
+                          "checkpoint saved", flush=True)
+            elif metrics:
+                report({"step": step, **metrics}, None)
+            if step == stop:
+                return metrics
+    # Restored at the end already (killed after the last checkpoint): report it again with the summary.
+    done = summary()
+    checkpoint(done)
+    return done
 
 
 def _checkpoint(report: ReportFn, rank: int, model: IJEPA, opt: torch.optim.Optimizer, step: int,

@@ -1,0 +1,249 @@
+"""The one module that talks to Ray: start or join Ray, run the pretraining loop in a TorchTrainer.
+
+    pretrain(cfg, root) -> summary       the pretrain stage: train (or resume, or re-export) and write outs
+    build_trainer(cfg, dataset_fn, ...)  a TorchTrainer over `pipeline.train.train_worker` (Tune trials)
+
+A pretraining run is named by the hash of the sections that change what it learns (`run_name`). Its Ray
+storage is `<ray.storage_path>/<name>/`; Ray Train V2 resumes a run from its latest checkpoint when a
+trainer with the same (storage_path, name) is started again, so re-running the stage after the whole
+process was killed continues where the last checkpoint left off. `<name>/pipeline.json` records the
+MLflow run id (the resumed run logs into the same MLflow run) and, once training ended, the final
+checkpoint: a finished run is not retrained, only its outputs are written again.
+
+Outputs (relative paths against `root`): `<pretrain.out_dir>/encoder/` (the target encoder),
+`<pretrain.out_dir>/run_id.txt`, `metrics/pretrain.json`, `metrics/pretrain_curve.csv` and, when
+`pipeline.viz` can draw it, `reports/pretrain_curves.png`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+import ray.train
+import yaml
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch.utils.data import Dataset
+
+from pipeline import tracking
+from pipeline.config import Config, RayConfig
+from pipeline.errors import PipelineError
+from pipeline.models.ijepa import build_ijepa
+from pipeline.models.io import save_encoder
+from pipeline.train import CURVE_COLUMNS, load_checkpoint, pretrain_dataset, set_threads, train_worker
+
+RUN_SECTIONS = ("data", "mask", "model", "optim", "pretrain")  # what a run learns from; not ray, not mlflow
+STATE_FILE = "pipeline.json"
+STOP_FILE = "nan_stop.json"
+METRICS_JSON = Path("metrics/pretrain.json")
+CURVE_CSV = Path("metrics/pretrain_curve.csv")
+CURVES_PNG = Path("reports/pretrain_curves.png")
+
+
+def run_name(cfg: Config) -> str:
+    """`pretrain-<hash>`: the same params give the same name, hence the same Ray storage to resume from."""
+    return f"pretrain-{cfg.hash(*RUN_SECTIONS)}"
+
+
+def _abs(root: Path, path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else root / path
+
+
+# ------------------------------------------------------------------------------------------------ Ray
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Join `cfg.address`, or start a local Ray sized to this machine (no dashboard). Idempotent."""
+    if ray.is_initialized():
+        return
+    if cfg.address:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # clusters started by `ray start` require a token
+        try:
+            ray.init(address=cfg.address, log_to_driver=True)
+        except (ConnectionError, RuntimeError) as e:
+            raise PipelineError(f"ray.address = {cfg.address!r}: cannot join the Ray cluster "
+                                f"({str(e).splitlines()[0]}); start it or set ray.address: null") from None
+        return
+    # "local" explicitly: a plain ray.init() joins whatever /tmp/ray/ray_current_cluster names, even a dead one.
+    # The dashboard is on (bound to 127.0.0.1): without it Ray Train's PlacementGroupCleaner warns every second.
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+             log_to_driver=True)
+
+
+def _reporter(stop_file: str | None) -> Callable[[dict[str, Any], Path | None], None]:
+    """`ray.train.report`; a NaN stop is also written to `stop_file`, since a run's result only keeps the
+    metrics of its last checkpoint (and a NaN stop writes none)."""
+
+    def report(metrics: dict[str, Any], directory: Path | None) -> None:
+        checkpoint = Checkpoint.from_directory(str(directory)) if directory is not None else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if stop_file and "nan_step" in metrics and ray.train.get_context().get_world_rank() == 0:
+            Path(stop_file).write_text(json.dumps(metrics) + "\n")
+
+    return report
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    """TorchTrainer's train_loop_per_worker: restore the latest checkpoint if Ray has one, then train."""
+    cfg: Config = config["cfg"]
+    set_threads(cfg.ray.resources_per_worker.get("CPU", 1.0))
+    device = ray.train.torch.get_device() if cfg.ray.use_gpu else None
+    restore = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            restore = load_checkpoint(d)
+    tracker = None
+    if config.get("run_id") and ray.train.get_context().get_world_rank() == 0:
+        tracker = tracking.RunLogger(config["tracking_uri"], config["run_id"])
+    train_worker(cfg, config["dataset_fn"](), _reporter(config.get("stop_file")), restore=restore, tracker=tracker,
+                 max_epochs=config.get("max_epochs"), device=device)
+
+
+def build_trainer(cfg: Config, dataset_fn: Callable[[], Dataset], name: str, storage_path: str | Path, *,
+                  tracking_uri: str | None = None, run_id: str | None = None, max_epochs: int | None = None,
+                  stop_file: str | Path | None = None, callbacks: Sequence[Any] = ()) -> TorchTrainer:
+    """A TorchTrainer running `train_worker` on `cfg.ray.num_workers` workers.
+
+    `dataset_fn()` builds the dataset inside each worker (picklable: a module-level function or a
+    functools.partial of one). MLflow metrics go to `run_id` when given; a NaN stop is written to
+    `stop_file` (JSON with `nan_step`) when given. A Tune trial passes
+    `callbacks=[TuneReportCallback()]` and `max_epochs` (its budget); the reports then reach Tune.
+    """
+    r = cfg.ray
+    scaling = ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
+                            resources_per_worker=dict(r.resources_per_worker), accelerator_type=r.accelerator_type)
+    run = RunConfig(name=name, storage_path=str(Path(storage_path).resolve()), callbacks=list(callbacks),
+                    failure_config=FailureConfig(max_failures=cfg.pretrain.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=cfg.pretrain.num_to_keep))
+    loop_config = {"cfg": cfg, "dataset_fn": dataset_fn, "run_id": run_id, "tracking_uri": tracking_uri,
+                   "max_epochs": max_epochs, "stop_file": str(stop_file) if stop_file else None}
+    return TorchTrainer(_worker_loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
+
+
+# --------------------------------------------------------------------------------------------- stage
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def pretrain(cfg: Config, root: str | Path | None = None,
+             dataset_fn: Callable[[], Dataset] | None = None) -> dict[str, Any]:
+    """Pretrain on Ray (or resume, or re-export a finished run), write the outputs; return the summary.
+
+    `dataset_fn` defaults to the ImageNet-format train split under `cfg.data` (tests pass a tiny one).
+    Raises PipelineError before any training when MLflow is unreachable or the data is missing, and
+    when the loss stops being finite (naming the step; the last good checkpoint stays in the storage).
+    """
+    root = Path(root or Path.cwd()).resolve()
+    storage, out_dir = _abs(root, cfg.ray.storage_path), _abs(root, cfg.pretrain.out_dir)
+    name = run_name(cfg)
+    state_file = storage / name / STATE_FILE
+    uri = tracking.tracking_uri(cfg.mlflow, root)
+    tracking.connect(cfg.mlflow, root)  # unreachable server: one-line error before anything starts
+    dataset_fn = dataset_fn or functools.partial(pretrain_dataset, cfg, str(root))
+    dataset_fn()  # missing or empty data: one-line error here, not inside a Ray worker
+
+    state = _read_state(state_file)
+    run_id = state.get("mlflow_run_id")
+    if run_id and tracking.run_status(run_id) is None:
+        run_id = None  # the MLflow store was reset: open a new run
+    with tracking.pipeline_run(cfg, "pretrain", run_id=run_id, root=root) as run:
+        run_id = run.info.run_id
+        tracking.set_tag("ray_run_name", name)
+        finished = state.get("status") == "finished" and Path(state.get("checkpoint", "")).is_dir()
+        if finished:
+            print(f"pretrain: {name} already finished; writing its outputs from {state['checkpoint']}")
+            summary, checkpoint_dir = state["summary"], Path(state["checkpoint"])
+        else:
+            _write_state(state_file, {"mlflow_run_id": run_id, "status": "running"})
+            init_ray(cfg.ray)
+            stop_file = storage / name / STOP_FILE
+            stop_file.unlink(missing_ok=True)
+            result = build_trainer(cfg, dataset_fn, name, storage, tracking_uri=uri, run_id=run_id,
+                                   stop_file=stop_file).fit()
+            summary = dict(result.metrics or {})
+            if stop_file.is_file():
+                nan_step = json.loads(stop_file.read_text())["nan_step"]
+                last = result.checkpoint.path if result.checkpoint else "none"
+                tracking.set_tag("failure", f"non-finite loss at step {nan_step}")
+                raise PipelineError(f"loss is not finite at step {nan_step}; training stopped, last good "
+                                    f"checkpoint {last} kept; lower optim.lr or set optim.grad_clip")
+            if result.checkpoint is None or not summary.get("done"):
+                raise PipelineError(f"pretrain run {name} ended without a final checkpoint ({summary})")
+            checkpoint_dir = Path(result.checkpoint.path)
+            _write_state(state_file, {"mlflow_run_id": run_id, "status": "finished", "summary": summary,
+                                      "checkpoint": str(checkpoint_dir)})
+        summary = {**summary, "retrained": not finished}
+        return _write_outputs(cfg, root, out_dir, checkpoint_dir, run_id, name, summary)
+
+
+def _write_outputs(cfg: Config, root: Path, out_dir: Path, checkpoint_dir: Path, run_id: str, name: str,
+                   summary: dict[str, Any]) -> dict[str, Any]:
+    """Encoder, run id, metrics JSON, curve CSV (+ PNG) from the final checkpoint; all into MLflow too."""
+    state = load_checkpoint(checkpoint_dir)
+    model = build_ijepa(cfg)
+    model.load_state_dict(state["model"])
+    encoder_dir = save_encoder(model.target_encoder, cfg.model, cfg.data.image_size, out_dir / "encoder",
+                               extra={"params_hash": cfg.hash(*RUN_SECTIONS), "step": state["step"],
+                                      "mlflow_run_id": run_id})
+    tracking.write_run_id(run_id, out_dir / "run_id.txt")
+
+    history = pd.DataFrame(state["history"], columns=list(CURVE_COLUMNS))
+    last = history.iloc[-1] if len(history) else None
+    metrics = {"final_loss": float(summary.get("final_loss", last["loss"] if last is not None else "nan")),
+               "steps": int(state["step"]), "epochs": cfg.pretrain.epochs, "batch_size": cfg.pretrain.batch_size,
+               "images_per_s": float(summary.get("images_per_s", 0.0)), "wall_s": float(summary.get("wall_s", 0.0)),
+               "final_target_std": float(last["target_std"]) if last is not None else None,
+               "final_rankme": float(last["rankme"]) if last is not None else None,
+               "num_workers": cfg.ray.num_workers, "resumed_from_step": int(summary.get("resumed_from", 0)),
+               "retrained": bool(summary["retrained"]), "ray_run_name": name, "mlflow_run_id": run_id}
+    csv_path, json_path = root / CURVE_CSV, root / METRICS_JSON
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    history.to_csv(csv_path.with_suffix(".tmp"), index=False)
+    csv_path.with_suffix(".tmp").replace(csv_path)
+    json_path.with_suffix(".tmp").write_text(json.dumps(metrics, indent=2) + "\n")
+    json_path.with_suffix(".tmp").replace(json_path)
+
+    tracking.log_metrics({k: metrics[k] for k in ("final_loss", "images_per_s", "wall_s")}, step=metrics["steps"])
+    tracking.log_artifacts(encoder_dir, "encoder")
+    tracking.log_artifact(csv_path)
+    png = _curves_png(cfg, history, root / CURVES_PNG)
+    if png is not None:
+        tracking.log_artifact(png)
+    with tempfile.TemporaryDirectory() as d:
+        params = Path(d) / "params.yaml"  # the resolved config (preset applied) this run trained with
+        params.write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=list)), sort_keys=False))
+        tracking.log_artifact(params)
+    print(f"pretrain: {metrics['steps']} steps, final loss {metrics['final_loss']:.4f}, "
+          f"{metrics['images_per_s']:.1f} img/s -> {encoder_dir}")
+    return metrics
+
+
+def _curves_png(cfg: Config, history: pd.DataFrame, path: Path) -> Path | None:
+    """The training-curves figure when `pipeline.viz` provides it (optional: drawing never fails a run)."""
+    try:
+        from pipeline.viz import training_curves
+    except ImportError:
+        return None
+    if history.empty:
+        return None
+    return training_curves(history, path, collapse_std_min=cfg.pretrain.collapse_std_min,
+                           collapse_rank_min=cfg.pretrain.collapse_rank_min, title="I-JEPA pretraining")
