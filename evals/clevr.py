@@ -1,0 +1,58 @@
+"""CLEVR (VTAB tasks): count_all (8 classes) and closest_object_distance (6 classes), linear probe top-1.
+
+Both tasks read the same images, so they share one set of cached features per split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from evals import common
+from evals.features import VIEWS, extract
+from evals.probe import linear_probe
+from pipeline.config import Config, ProbeConfig
+
+NAME = "eval_clevr"
+TASKS = ("count_all", "closest_object_distance")
+
+
+def evaluate_clevr(encoder: nn.Module, tasks: dict[str, tuple[Dataset, Dataset]], cfg: ProbeConfig, *,
+                   cache_dir: str | Path | None = None, num_workers: int = 0) -> dict[str, Any]:
+    """tasks {name: (train, val)} -> {name: {"last": {"top1", "lr", "weight_decay"}, "last4": {...}}}."""
+    kw = {"batch_size": cfg.batch_size, "cache_dir": cache_dir, "num_workers": num_workers}
+    out: dict[str, Any] = {}
+    for task, (train, val) in tasks.items():
+        ftr = extract(encoder, train, "pooled", desc=f"features {task} train", **kw)
+        fva = extract(encoder, val, "pooled", desc=f"features {task} val", **kw)
+        c = getattr(train, "num_classes", None) or int(ftr["y"].max()) + 1
+        out[task] = {}
+        for v in VIEWS:
+            res = linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], c, cfg)
+            res.pop("top5")  # VTAB reports top-1 only
+            out[task][v] = res
+    return out
+
+
+def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
+    """The eval_clevr stage: both encoders, metrics/eval_clevr.json, an MLflow child run."""
+    from pipeline.data import ClevrDataset, dataset_paths, eval_transform
+
+    ctx = common.prepare(cfg, root)
+    clevr = dataset_paths(cfg.data, ctx.root).clevr
+    tf = eval_transform(cfg.data.image_size)
+    tasks = {}
+    for task in TASKS:
+        train = ClevrDataset(clevr, "train", task, tf)
+        tasks[task] = (train, ClevrDataset(clevr, "val", task, tf, thresholds=train.thresholds))
+    results = {name: evaluate_clevr(enc, tasks, cfg.eval_clevr, cache_dir=ctx.cache_dir,
+                                    num_workers=cfg.data.num_workers)
+               for name, enc in ctx.encoders.items()}
+    metrics, chosen = common.split_hparams(results)
+    params = {**common.section_params(cfg.eval_clevr, NAME), "chosen": chosen,
+              "n_train": len(tasks[TASKS[0]][0]), "n_val": len(tasks[TASKS[0]][1])}
+    common.finish(cfg, ctx, NAME, metrics, params)
+    return metrics

@@ -1,0 +1,135 @@
+"""What every evaluation run shares: the two encoders, the MLflow parent run, the metrics file.
+
+`prepare(cfg, root)` checks everything an evaluation needs before any work (the saved encoder and its
+architecture against the params, the pretrain run id), so bad input fails in one line and writes no
+metrics. `finish(...)` writes `metrics/<name>.json` atomically, then logs a child run of the pretrain
+run with the chosen hyper-parameters as params and every figure as a metric.
+
+Metrics files are nested JSON, which `dvc metrics show` flattens into dotted columns:
+
+    {"ijepa": {"last": {"top1": 71.2, "top5": 99.1}, "last4": {...}}, "random": {...}}
+
+Accuracies are in %, depth errors in metres (rmse) or unitless (abs_rel, log10, d1..d3 as fractions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import tracking
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.models import Encoder, build_encoder, load_encoder
+from pipeline.models.io import ENCODER_DIR, encoder_meta
+
+METRICS_DIR = "metrics"
+CACHE_DIR = Path(".cache") / "features"
+RUN_ID_FILE = "run_id.txt"
+HPARAM_KEYS = ("lr", "weight_decay")
+ENCODERS = ("ijepa", "random")  # the pretrained target encoder and its random-init twin
+
+
+@dataclass
+class EvalContext:
+    root: Path
+    encoders: dict[str, Encoder]  # "ijepa", "random"
+    run_id: str
+    cache_dir: Path
+    device: torch.device
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_architecture(meta: dict, cfg: Config, where: str) -> None:
+    """PipelineError naming both sides when the saved encoder is not the one params.yaml describes."""
+    model = meta.get("model", {})
+    saved = (model.get("name"), model.get("patch_size"), meta.get("image_size"))
+    wanted = (cfg.model.name, cfg.model.patch_size, cfg.data.image_size)
+    if saved != wanted:
+        raise PipelineError(f"encoder {where} is {saved[0]}/{saved[1]} at {saved[2]} px but params.yaml says "
+                            f"model.name={wanted[0]}, model.patch_size={wanted[1]}, data.image_size={wanted[2]}; "
+                            "rerun pretrain or fix params.yaml")
+
+
+def random_encoder(cfg: Config) -> Encoder:
+    """The baseline: the same architecture, random init seeded by pretrain.seed, frozen."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.pretrain.seed)
+        enc = build_encoder(cfg.model, cfg.data.image_size)
+    return enc.eval().requires_grad_(False)
+
+
+def prepare(cfg: Config, root: str | Path | None = None) -> EvalContext:
+    """Load the pretrained encoder (checked against params), build the baseline, read the run id."""
+    root = Path.cwd() if root is None else Path(root)
+    out_dir = root / cfg.pretrain.out_dir
+    enc_dir = out_dir / ENCODER_DIR
+    if not enc_dir.is_dir():
+        raise PipelineError(f"{enc_dir}: no saved encoder; run the pretrain stage first (dvc repro pretrain)")
+    check_architecture(encoder_meta(enc_dir), cfg, str(enc_dir))
+    run_id = tracking.read_run_id(out_dir / RUN_ID_FILE)
+    dev = device()
+    encoders = {"ijepa": load_encoder(enc_dir).to(dev), "random": random_encoder(cfg).to(dev)}
+    return EvalContext(root, encoders, run_id, root / CACHE_DIR, dev)
+
+
+def split_hparams(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """{"last": {"top1", "lr", ...}} -> (figures, chosen hyper-parameters), both nested alike."""
+    figures, chosen = {}, {}
+    for k, v in result.items():
+        if isinstance(v, dict):
+            figures[k], chosen[k] = split_hparams(v)
+            if not chosen[k]:
+                del chosen[k]
+        elif k in HPARAM_KEYS:
+            chosen[k] = v
+        else:
+            figures[k] = v
+    return figures, chosen
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(flatten(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
+def write_json(obj: Any, path: Path) -> Path:
+    """Atomic JSON write (a temporary sibling, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def finish(cfg: Config, ctx: EvalContext, name: str, metrics: dict[str, Any], params: dict[str, Any],
+           artifacts: list[Path] = ()) -> Path:
+    """Write metrics/<name>.json and log the child run `name` of the pretrain run; returns the json path."""
+    path = write_json(metrics, ctx.root / METRICS_DIR / f"{name}.json")
+    tracking.connect(cfg.mlflow, ctx.root)
+    with tracking.child_run(ctx.run_id, name, flatten(params)):
+        tracking.log_metrics({k: v for k, v in flatten(metrics).items() if v == v})  # NaN: not logged
+        tracking.log_artifact(path)
+        for a in artifacts:
+            tracking.log_artifact(a)
+    return path
+
+
+def section_params(section: Any, prefix: str) -> dict[str, Any]:
+    """A config section as {"eval_linear.epochs": 60, ...} for the child run's params."""
+    return {f"{prefix}.{k}": v for k, v in vars(section).items()}

@@ -1,0 +1,167 @@
+"""Frozen feature extraction, cached on disk and shared by every probe.
+
+One pass of the encoder over a dataset gives, per image,
+
+    pooled  "last"   (D,)    mean of the last layer's patch tokens
+            "last4"  (4D,)   means of the last 4 layers' patch tokens, concatenated
+    tokens  "tokens" (N, D)  the last layer's patch tokens (dense tasks), stored as float16
+
+plus "y", the dataset's targets (class labels (n,) int64, or depth maps (n, S, S) float32).
+
+The cache key is (encoder weights hash, dataset identity, kind). The dataset identity is its files
+(path, size, mtime) or the NYU .mat and split rows, plus its image size / transform, never its labels:
+the two CLEVR tasks share one set of features, and the 1% probe reuses the train-set features of the
+linear probe. Class labels come back from `dataset.targets` when the dataset has them.
+Files are written to a temporary name and renamed, so a killed run never leaves half a cache entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from pipeline.errors import PipelineError
+from pipeline.progress import progress
+
+VIEWS = ("last", "last4")
+Kind = Literal["pooled", "tokens"]
+CACHE_VERSION = 1  # bump when the stored layout changes
+
+
+def weights_hash(module: nn.Module) -> str:
+    """16 hex digits of sha256 over the state dict (names, shapes, dtypes, bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _tensor_digest(*tensors: Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def dataset_identity(ds: Dataset) -> dict[str, Any] | None:
+    """What determines the images of `ds` (not its class labels); None when it cannot be told (no cache)."""
+    if isinstance(ds, Subset):
+        inner = dataset_identity(ds.dataset)
+        if inner is None:
+            return None
+        return {"subset_of": inner, "indices": _tensor_digest(torch.as_tensor(list(ds.indices)))}
+    if isinstance(ds, TensorDataset):
+        return {"type": "TensorDataset", "tensors": _tensor_digest(*ds.tensors)}
+    base = {"type": type(ds).__name__, "transform": repr(getattr(ds, "transform", None))}
+    if hasattr(ds, "samples"):  # ImageNetFolder, ClevrDataset: [(path, label)]
+        h = hashlib.sha256()
+        for path, _ in ds.samples:
+            st = os.stat(path)
+            h.update(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return {**base, "n": len(ds.samples), "files": h.hexdigest()}
+    if hasattr(ds, "mat_path") and hasattr(ds, "indices"):  # NyuDepth
+        st = os.stat(ds.mat_path)
+        return {**base, "mat": f"{Path(ds.mat_path).resolve()}|{st.st_size}|{st.st_mtime_ns}",
+                "rows": _tensor_digest(torch.as_tensor(ds.indices)), "image_size": ds.image_size}
+    return None
+
+
+def cache_key(encoder_hash: str, identity: dict[str, Any], kind: Kind) -> str:
+    doc = {"v": CACHE_VERSION, "encoder": encoder_hash, "data": identity, "kind": kind}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _targets(ds: Dataset) -> Tensor | None:
+    """Class labels straight from the dataset (ImageNetFolder, ClevrDataset, Subset of them), else None."""
+    if isinstance(ds, Subset):
+        inner = _targets(ds.dataset)
+        return None if inner is None else inner[torch.as_tensor(list(ds.indices), dtype=torch.long)]
+    if hasattr(ds, "targets"):
+        return torch.as_tensor(list(ds.targets), dtype=torch.long)
+    return None
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@torch.no_grad()
+def _run(encoder: nn.Module, ds: Dataset, kind: Kind, batch_size: int, num_workers: int,
+         desc: str) -> dict[str, Tensor]:
+    device = next(encoder.parameters()).device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    was_training = encoder.training
+    encoder.eval()
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    out: dict[str, list[Tensor]] = {k: [] for k in (("tokens",) if kind == "tokens" else VIEWS)}
+    ys: list[Tensor] = []
+    for x, y in progress(loader, desc=desc, total=len(loader)):
+        x = x.to(device, non_blocking=True)
+        with autocast:
+            if kind == "tokens":
+                out["tokens"].append(encoder(x).half().cpu())
+            else:
+                layers = encoder.forward_layers(x, 4)  # 4 x (B, N, D)
+                means = [t.float().mean(1) for t in layers]
+                out["last"].append(means[-1].cpu())
+                out["last4"].append(torch.cat(means, 1).cpu())
+        ys.append(torch.as_tensor(y))
+    encoder.train(was_training)
+    if not ys:
+        raise PipelineError(f"{desc}: the dataset is empty; expected at least one image")
+    feats = {k: torch.cat(v) for k, v in out.items()}
+    feats["y"] = torch.cat(ys)
+    return feats
+
+
+def extract(encoder: nn.Module, ds: Dataset, kind: Kind = "pooled", *, batch_size: int = 256,
+            cache_dir: str | Path | None = None, num_workers: int = 0, desc: str = "features",
+            encoder_hash: str | None = None) -> dict[str, Tensor]:
+    """Features of every item of `ds` ((image (3, S, S), target) items), in dataset order.
+
+    pooled -> {"last": (n, D) f32, "last4": (n, 4D) f32, "y"}; tokens -> {"tokens": (n, N, D) f16, "y"}.
+    With `cache_dir`, a dataset with a known identity is read from / written to the cache.
+    """
+    if kind not in ("pooled", "tokens"):
+        raise PipelineError(f"feature kind {kind!r} is not allowed; expected 'pooled' or 'tokens'")
+    identity = dataset_identity(ds) if cache_dir is not None else None
+    path = None
+    if identity is not None:
+        key = cache_key(encoder_hash or weights_hash(encoder), identity, kind)
+        path = Path(cache_dir) / f"{key}.pt"
+        if path.is_file():
+            feats = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            feats = None
+    else:
+        feats = None
+    if feats is None:
+        feats = _run(encoder, ds, kind, batch_size, num_workers, desc)
+        if path is not None:
+            _save_atomic(feats, path)
+    labels = _targets(ds)
+    if labels is not None:
+        feats = {**feats, "y": labels}
+    return feats

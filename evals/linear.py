@@ -1,0 +1,61 @@
+"""Linear probe (ImageNet protocol): top-1 / top-5 on val, for both pooled views of the frozen encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from evals import common
+from evals.features import VIEWS, extract
+from evals.probe import linear_probe
+from pipeline.config import Config, ProbeConfig
+from pipeline.errors import PipelineError
+
+NAME = "eval_linear"
+
+
+def num_classes(train: Dataset, y) -> int:
+    classes = getattr(train, "classes", None)
+    return len(classes) if classes is not None else int(y.max()) + 1
+
+
+def evaluate_linear(encoder: nn.Module, train: Dataset, val: Dataset, cfg: ProbeConfig, *,
+                    cache_dir: str | Path | None = None, num_workers: int = 0) -> dict[str, dict[str, float]]:
+    """{"last": {"top1", "top5", "lr", "weight_decay"}, "last4": {...}}; accuracies in %."""
+    kw = {"batch_size": cfg.batch_size, "cache_dir": cache_dir, "num_workers": num_workers}
+    ftr = extract(encoder, train, "pooled", desc="features train", **kw)
+    fva = extract(encoder, val, "pooled", desc="features val", **kw)
+    c = num_classes(train, ftr["y"])
+    return {v: linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], c, cfg) for v in VIEWS}
+
+
+def imagenet_splits(cfg: Config, root: Path):
+    """(train, val) ImageNetFolders with the eval transform; PipelineError when the class lists differ."""
+    from pipeline.data import ImageNetFolder, dataset_paths, eval_transform
+
+    paths = dataset_paths(cfg.data, root)
+    tf = eval_transform(cfg.data.image_size)
+    train = ImageNetFolder(paths.imagenet, "train", tf, on_corrupt=cfg.data.on_corrupt)
+    val = ImageNetFolder(paths.imagenet, "val", tf, on_corrupt=cfg.data.on_corrupt)
+    if val.classes != train.classes:
+        missing = sorted(set(train.classes) ^ set(val.classes))[:3]
+        raise PipelineError(f"{paths.imagenet}: train and val class folders differ (e.g. {missing}); "
+                            "expected the same wnids in both")
+    return train, val
+
+
+def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
+    """The eval_linear stage: both encoders, metrics/eval_linear.json, an MLflow child run."""
+    ctx = common.prepare(cfg, root)
+    train, val = imagenet_splits(cfg, ctx.root)
+    results = {name: evaluate_linear(enc, train, val, cfg.eval_linear, cache_dir=ctx.cache_dir,
+                                     num_workers=cfg.data.num_workers)
+               for name, enc in ctx.encoders.items()}
+    metrics, chosen = common.split_hparams(results)
+    params = {**common.section_params(cfg.eval_linear, NAME), "chosen": chosen,
+              "n_train": len(train), "n_val": len(val)}
+    common.finish(cfg, ctx, NAME, metrics, params)
+    return metrics

@@ -1,0 +1,123 @@
+"""The evaluation report: one table of every figure, I-JEPA vs the random-init encoder, both views.
+
+Rows are (evaluation, metric); columns
+
+    ijepa.last  ijepa.last4  random.last  random.last4  margin.last  margin.last4  baseline
+
+`margin` is I-JEPA minus random for higher-is-better figures (accuracies, d1..d3) and random minus
+I-JEPA for errors (abs_rel, rmse, log10): positive always means that pretraining helped. `baseline`
+holds a figure-specific baseline where there is one (the train-mean depth map for depth). Depth has a
+single view (patch tokens + pooled token of the last layer), filed under "last".
+
+Written as reports/evals.csv and reports/evals.md (and reports/evals.png when `pipeline.viz` offers
+`table_image`), then logged into the pretrain MLflow run as the child run "report".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from evals import common
+from evals.depth import LOWER_IS_BETTER
+from evals.features import VIEWS
+from pipeline import tracking
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+
+NAME = "report"
+EVALS = {"eval_linear": "linear", "eval_semi": "semi_1pct", "eval_clevr": "clevr", "eval_depth": "depth"}
+REPORT_DIR = "reports"
+COLUMNS = [f"{e}.{v}" for e in common.ENCODERS for v in VIEWS] + [f"margin.{v}" for v in VIEWS] + ["baseline"]
+
+
+def _leaves(d: dict[str, Any], path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], float]]:
+    out = []
+    for k, v in d.items():
+        out += _leaves(v, (*path, k)) if isinstance(v, dict) else [((*path, k), float(v))]
+    return out
+
+
+def build_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """{"eval_linear": <metrics json>, ...} -> DataFrame indexed by (evaluation, metric), COLUMNS as above."""
+    cells: dict[tuple[str, str], dict[str, float]] = {}
+    for stage, doc in results.items():
+        label = EVALS.get(stage, stage)
+        for top, sub in doc.items():
+            for path, value in _leaves(sub):
+                *task, view, metric = path if top in common.ENCODERS else ("", *path)
+                evaluation = ".".join([label, *task])
+                row = cells.setdefault((evaluation, metric), {})
+                row[f"{top}.{view}" if top in common.ENCODERS else "baseline"] = value
+    table = pd.DataFrame.from_dict(cells, orient="index").reindex(columns=COLUMNS)
+    table.index = pd.MultiIndex.from_tuples(table.index, names=["evaluation", "metric"])
+    sign = pd.Series([-1.0 if m in LOWER_IS_BETTER else 1.0 for _, m in table.index], index=table.index)
+    for v in VIEWS:
+        table[f"margin.{v}"] = sign * (table[f"ijepa.{v}"] - table[f"random.{v}"])
+    return table
+
+
+def to_markdown(table: pd.DataFrame, digits: int = 4) -> str:
+    """A GitHub markdown table; NaN as "-"."""
+    flat = table.reset_index()
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return "-" if math.isnan(v) else f"{v:.{digits}g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(map(str, flat.columns)) + " |",
+             "|" + "|".join("---" if i < 2 else "---:" for i in range(flat.shape[1])) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in flat.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def read_metrics(root: Path) -> dict[str, dict[str, Any]]:
+    """Every metrics/eval_*.json present; PipelineError when there is none."""
+    out = {}
+    for stage in EVALS:
+        path = root / common.METRICS_DIR / f"{stage}.json"
+        if path.is_file():
+            out[stage] = json.loads(path.read_text())
+    if not out:
+        raise PipelineError(f"{root / common.METRICS_DIR}: no eval_*.json; run the evaluation stages first")
+    return out
+
+
+def write_report(table: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """evals.csv, evals.md and (when pipeline.viz has table_image) evals.png under out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv, md = out_dir / "evals.csv", out_dir / "evals.md"
+    tmp = out_dir / ".evals.csv.tmp"
+    table.to_csv(tmp, float_format="%.6g")
+    tmp.replace(csv)
+    tmp = out_dir / ".evals.md.tmp"
+    tmp.write_text("# Downstream evaluations: I-JEPA vs random init\n\nmargin > 0: pretraining helped "
+                   "(errors: random - I-JEPA). Accuracies in %, rmse in metres.\n\n" + to_markdown(table))
+    tmp.replace(md)
+    written = [csv, md]
+    try:
+        from pipeline.viz import table_image
+    except ImportError:
+        return written
+    written.append(table_image(table, out_dir / "evals.png", title="I-JEPA vs random-init encoder"))
+    return written
+
+
+def run(cfg: Config, root: str | Path | None = None) -> pd.DataFrame:
+    """The report stage: read metrics/eval_*.json, write reports/evals.*, log them to MLflow."""
+    root = Path.cwd() if root is None else Path(root)
+    run_id = tracking.read_run_id(root / cfg.pretrain.out_dir / common.RUN_ID_FILE)
+    table = build_table(read_metrics(root))
+    files = write_report(table, root / REPORT_DIR)
+    tracking.connect(cfg.mlflow, root)
+    margins = {f"{e}.{m}.margin.{v}": table.loc[(e, m), f"margin.{v}"] for e, m in table.index for v in VIEWS}
+    with tracking.child_run(run_id, NAME, {"evaluations": ",".join(sorted(read_metrics(root)))}):
+        tracking.log_metrics({k: v for k, v in margins.items() if v == v})
+        for f in files:
+            tracking.log_artifact(f)
+    return table

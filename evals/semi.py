@@ -1,0 +1,66 @@
+"""1% semi-supervised probe: the linear probe trained only on the images of the 1% list; top-1 on val.
+
+The features are the full train set's (cached by the linear probe); the 1% rows are picked by path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from evals import common
+from evals.features import VIEWS, extract
+from evals.linear import imagenet_splits, num_classes
+from evals.probe import linear_probe
+from pipeline.config import Config, ProbeConfig
+from pipeline.errors import PipelineError
+
+NAME = "eval_semi"
+
+
+def subset_indices(train: Dataset, subset: Dataset) -> list[int]:
+    """Rows of `train` holding the images of `subset` (both with .samples [(path, label)])."""
+    row = {Path(p).resolve(): i for i, (p, _) in enumerate(train.samples)}
+    out = []
+    for p, _ in subset.samples:
+        i = row.get(Path(p).resolve())
+        if i is None:
+            raise PipelineError(f"1% list names {p}, which is not an image of the train split")
+        out.append(i)
+    return out
+
+
+def evaluate_semi(encoder: nn.Module, train: Dataset, val: Dataset, subset: Sequence[int], cfg: ProbeConfig, *,
+                  cache_dir: str | Path | None = None, num_workers: int = 0) -> dict[str, dict[str, float]]:
+    """Probe on the train rows `subset` only -> {"last": {"top1", "top5", "lr", ...}, "last4": {...}}."""
+    if len(subset) == 0:
+        raise PipelineError("1% probe: the subset is empty; expected at least one training image")
+    kw = {"batch_size": cfg.batch_size, "cache_dir": cache_dir, "num_workers": num_workers}
+    ftr = extract(encoder, train, "pooled", desc="features train", **kw)
+    fva = extract(encoder, val, "pooled", desc="features val", **kw)
+    idx = torch.as_tensor(list(subset), dtype=torch.long)
+    c = num_classes(train, ftr["y"])
+    return {v: linear_probe(ftr[v][idx], ftr["y"][idx], fva[v], fva["y"], c, cfg) for v in VIEWS}
+
+
+def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
+    """The eval_semi stage: both encoders, metrics/eval_semi.json, an MLflow child run."""
+    from pipeline.data import ImageNetFolder, dataset_paths
+
+    ctx = common.prepare(cfg, root)
+    train, val = imagenet_splits(cfg, ctx.root)
+    subset_file = dataset_paths(cfg.data, ctx.root).imagenet_subset
+    subset = subset_indices(train, ImageNetFolder(train.root, "train", subset_file=subset_file))
+    results = {name: evaluate_semi(enc, train, val, subset, cfg.eval_semi, cache_dir=ctx.cache_dir,
+                                   num_workers=cfg.data.num_workers)
+               for name, enc in ctx.encoders.items()}
+    metrics, chosen = common.split_hparams(results)
+    params = {**common.section_params(cfg.eval_semi, NAME), "chosen": chosen, "n_subset": len(subset),
+              "subset_file": str(subset_file), "n_val": len(val)}
+    common.finish(cfg, ctx, NAME, metrics, params)
+    return metrics
