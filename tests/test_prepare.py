@@ -100,7 +100,7 @@ def test_deterministic_and_atomic(exported, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(export, "render_many", boom)
+    monkeypatch.setattr(export, "render_scene", boom)
     with pytest.raises(RuntimeError):
         export_synthetic(_cfg(again, **{"data.synthetic.seed": 1}).data, again, progress=False)
     assert _digests(again) == before and not list(again.glob(".prepare-*"))  # old output untouched
