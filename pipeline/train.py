@@ -61,6 +61,8 @@ class Tracker(Protocol):
 
 # Called by EVERY rank at the same steps (Ray's report is a barrier); the directory only on rank 0.
 ReportFn = Callable[[dict[str, Any], Path | None], None]
+# (model, epochs done) -> metrics for that epoch's report, e.g. a sweep's probe score. Rank 0 only.
+EpochEndFn = Callable[[IJEPA, int], dict[str, float]]
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -194,13 +196,15 @@ def _all_reduce(x: Tensor, op: Any = None) -> Tensor:
 
 def train_worker(cfg: Config, dataset: Dataset, report: ReportFn, *, restore: dict[str, Any] | None = None,
                  tracker: Tracker | None = None, max_epochs: int | None = None,
-                 device: torch.device | None = None) -> dict[str, Any]:
+                 device: torch.device | None = None, epoch_end: EpochEndFn | None = None) -> dict[str, Any]:
     """Pretrain from `restore` (a `load_checkpoint` dict) or from scratch; return the final report.
 
     Schedules span `cfg.pretrain.epochs`; `max_epochs` stops earlier (a Tune trial's budget). `report`
     gets metrics at every checkpoint (with the checkpoint directory on rank 0) and at every epoch end
     (`epoch`, `epoch_loss`, `rankme`: what a sweep compares). The last report has `done: True`, or
     `nan_step` when the loss stopped being finite (no checkpoint is written then: the last good one stays).
+    `epoch_end(model, epoch)` (a sweep's probe score) runs on rank 0 after each full epoch; its metrics join
+    that epoch's report and rank 0's tracker (the other ranks wait in the report's barrier).
     """
     p = cfg.pretrain
     rank, world = _world()
@@ -301,6 +305,12 @@ def train_worker(cfg: Config, dataset: Dataset, report: ReportFn, *, restore: di
                 metrics = {"epoch": epoch + 1, "epoch_loss": epoch_mean,
                            "rankme": history[-1]["rankme"] if history else float("nan")}
                 epoch_loss.zero_()
+                if epoch_end is not None and rank == 0:
+                    with torch.random.fork_rng(devices=[]):  # a probe must not shift the training RNG
+                        scores = epoch_end(model, epoch + 1)
+                    metrics.update(scores)
+                    if tracker is not None:
+                        tracker.log(scores, step)
             if step == stop:
                 metrics.update(summary())
             if is_ckpt:
