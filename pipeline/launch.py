@@ -43,6 +43,7 @@ from pipeline.train import CURVE_COLUMNS, load_checkpoint, pretrain_dataset, set
 RUN_SECTIONS = ("data", "mask", "model", "optim", "pretrain")  # what a run learns from; not ray, not mlflow
 STATE_FILE = "pipeline.json"
 STOP_FILE = "nan_stop.json"
+PID_DIR = "worker_pids"  # rank-<r>.pid of the current worker processes
 METRICS_JSON = Path("metrics/pretrain.json")
 CURVE_CSV = Path("metrics/pretrain_curve.csv")
 CURVES_PNG = Path("reports/pretrain_curves.png")
@@ -95,6 +96,10 @@ def _reporter(stop_file: str | None) -> Callable[[dict[str, Any], Path | None], 
 def _worker_loop(config: dict[str, Any]) -> None:
     """TorchTrainer's train_loop_per_worker: restore the latest checkpoint if Ray has one, then train."""
     cfg: Config = config["cfg"]
+    rank = ray.train.get_context().get_world_rank()
+    if config.get("pid_dir"):  # which process is which rank: for operators (and tests) that kill one
+        Path(config["pid_dir"]).mkdir(parents=True, exist_ok=True)
+        Path(config["pid_dir"], f"rank-{rank}.pid").write_text(f"{os.getpid()}\n")
     set_threads(cfg.ray.resources_per_worker.get("CPU", 1.0))
     device = ray.train.torch.get_device() if cfg.ray.use_gpu else None
     restore = None
@@ -103,7 +108,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             restore = load_checkpoint(d)
     tracker = None
-    if config.get("run_id") and ray.train.get_context().get_world_rank() == 0:
+    if config.get("run_id") and rank == 0:
         tracker = tracking.RunLogger(config["tracking_uri"], config["run_id"])
     train_worker(cfg, config["dataset_fn"](), _reporter(config.get("stop_file")), restore=restore, tracker=tracker,
                  max_epochs=config.get("max_epochs"), device=device)
@@ -126,7 +131,8 @@ def build_trainer(cfg: Config, dataset_fn: Callable[[], Dataset], name: str, sto
                     failure_config=FailureConfig(max_failures=cfg.pretrain.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.pretrain.num_to_keep))
     loop_config = {"cfg": cfg, "dataset_fn": dataset_fn, "run_id": run_id, "tracking_uri": tracking_uri,
-                   "max_epochs": max_epochs, "stop_file": str(stop_file) if stop_file else None}
+                   "max_epochs": max_epochs, "stop_file": str(stop_file) if stop_file else None,
+                   "pid_dir": str(Path(storage_path).resolve() / name / PID_DIR)}
     return TorchTrainer(_worker_loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
 
 

@@ -1,0 +1,190 @@
+"""Pretraining through Ray Train (pipeline.launch): end to end on 2 CPU workers with a worker killed,
+resume after the whole process was killed, NaN stop, a 2-node cluster; MLflow errors before Ray starts."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline import launch, tracking
+from pipeline.errors import PipelineError
+from pipeline.models.io import load_encoder
+from pipeline.train import CURVE_COLUMNS, RandomImages
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_down_after():
+    yield
+    RAY.shutdown()
+
+
+def tiny(cfg, **over):
+    """tiny_cfg on 96 random images: 6 steps per epoch, 12 steps, a checkpoint every 2, in-process loading."""
+    return cfg.replace(**{"data.num_workers": 0, "mlflow.system_metrics": False, **over})
+
+
+def images(n=96):
+    return functools.partial(RandomImages, n, 32)
+
+
+def wait_for(predicate, timeout=300.0, every=0.2):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False
+
+
+def checkpoints(cfg):
+    return sorted(Path(cfg.ray.storage_path, launch.run_name(cfg)).glob("checkpoint_*"))
+
+
+def worker_pid(cfg, rank):
+    """The PID of this run's worker `rank`, as the worker wrote it (never a process of another Ray)."""
+    f = Path(cfg.ray.storage_path, launch.run_name(cfg), launch.PID_DIR, f"rank-{rank}.pid")
+    return int(f.read_text()) if f.is_file() else None
+
+
+def check_outputs(cfg, root, metrics, steps):
+    assert metrics["steps"] == steps
+    history = pd.read_csv(root / launch.CURVE_CSV)
+    assert list(history.columns) == list(CURVE_COLUMNS)
+    assert history["step"].tolist() == list(range(1, steps + 1))  # nothing repeated, nothing lost
+    on_disk = json.loads((root / launch.METRICS_JSON).read_text())
+    assert on_disk["final_loss"] == history["loss"].iloc[-1] and on_disk["steps"] == steps
+    encoder = load_encoder(Path(cfg.pretrain.out_dir) / "encoder")
+    assert encoder.num_patches == (cfg.data.image_size // cfg.model.patch_size) ** 2
+    return tracking.read_run_id(Path(cfg.pretrain.out_dir) / "run_id.txt")
+
+
+def test_unreachable_mlflow_fails_before_ray_starts(tiny_cfg, tmp_path):
+    RAY.shutdown()
+    cfg = tiny(tiny_cfg, **{"mlflow.tracking_uri": "http://127.0.0.1:9"})
+    with pytest.raises(PipelineError, match="127.0.0.1:9"):
+        launch.pretrain(cfg, tmp_path, dataset_fn=images())
+    assert not RAY.is_initialized()
+
+
+def test_run_name_follows_what_the_run_learns(tiny_cfg):
+    name = launch.run_name(tiny_cfg)
+    assert launch.run_name(tiny_cfg.replace(**{"ray.num_workers": 1, "mlflow.experiment": "x"})) == name
+    assert launch.run_name(tiny_cfg.replace(**{"mask.num_targets": 2})) != name
+
+
+def test_two_workers_end_to_end_survive_a_killed_worker(tiny_cfg, tmp_path):
+    cfg = tiny(tiny_cfg, **{"pretrain.max_failures": 1})
+    killed = []
+
+    def kill_one_worker_after_first_checkpoint():
+        # The second checkpoint folder: the first one is registered with Ray by then.
+        if wait_for(lambda: len(checkpoints(cfg)) >= 2 and worker_pid(cfg, 1)):
+            pid = worker_pid(cfg, 1)
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    killer = threading.Thread(target=kill_one_worker_after_first_checkpoint, daemon=True)
+    killer.start()
+    metrics = launch.pretrain(cfg, tmp_path, dataset_fn=images())
+    killer.join(timeout=5)
+    assert killed, "no Ray Train worker was found to kill"
+    assert metrics["retrained"] and metrics["resumed_from_step"] > 0  # restarted from a checkpoint
+    run_id = check_outputs(cfg, tmp_path, metrics, steps=12)
+
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["pretrain.batch_size"] == "16" and run.data.tags["params_hash"] == cfg.hash()
+    loss = mlflow.MlflowClient().get_metric_history(run_id, "loss")
+    assert {m.step for m in loss} == set(range(1, 13))  # rank 0 logged every step (log_every 1)
+    for key in ("lr", "wd", "momentum", "images_per_s", "target_std", "rankme", "final_loss"):
+        assert key in run.data.metrics, key
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    assert {"encoder", "params.yaml", "pretrain_curve.csv"} <= artifacts
+
+    # Same params again: not retrained, same MLflow run, outputs written again.
+    (tmp_path / launch.METRICS_JSON).unlink()
+    again = launch.pretrain(cfg, tmp_path, dataset_fn=images())
+    assert not again["retrained"] and again["mlflow_run_id"] == run_id
+    assert json.loads((tmp_path / launch.METRICS_JSON).read_text())["steps"] == 12
+
+
+SCRIPT = """
+import functools, sys
+from pipeline.config import load_config
+from pipeline.launch import pretrain
+from pipeline.train import RandomImages
+pretrain(load_config(sys.argv[1]), sys.argv[2], dataset_fn=functools.partial(RandomImages, 96, 32))
+"""
+
+
+@pytest.mark.slow
+def test_rerun_after_the_whole_process_was_killed_resumes(tiny_cfg, tmp_path):
+    RAY.shutdown()
+    cfg = tiny(tiny_cfg, **{"pretrain.epochs": 4})  # 24 steps
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=list))))
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(params), str(tmp_path)], cwd=ROOT,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: len(checkpoints(cfg)) >= 1 or proc.poll() is not None, timeout=400)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+    state = json.loads((Path(cfg.ray.storage_path) / launch.run_name(cfg) / launch.STATE_FILE).read_text())
+    assert state["status"] == "running"
+
+    metrics = launch.pretrain(cfg, tmp_path, dataset_fn=images())
+    assert metrics["resumed_from_step"] > 0 and metrics["mlflow_run_id"] == state["mlflow_run_id"]
+    check_outputs(cfg, tmp_path, metrics, steps=24)
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path):
+    cfg = tiny(tiny_cfg, **{"optim.lr": 1e30, "optim.start_lr": 1e30, "optim.warmup_epochs": 0.0})
+    with pytest.raises(PipelineError, match=r"not finite at step \d+") as err:
+        launch.pretrain(cfg, tmp_path, dataset_fn=images())
+    assert "\n" not in str(err.value)
+    assert not (Path(cfg.pretrain.out_dir) / "encoder").exists()
+
+
+@pytest.mark.slow
+def test_two_node_cluster_spreads_the_workers(tiny_cfg, tmp_path):
+    RAY.shutdown()
+    port = 26379
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    head = subprocess.Popen([ray_bin, "start", "--head", "--num-cpus=1", f"--port={port}",
+                             "--include-dashboard=false", "--block"], env=env)
+    nodes = [head]
+    try:
+        time.sleep(15)
+        nodes.append(subprocess.Popen([ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
+                                       "--block"], env=env))
+        cfg = tiny(tiny_cfg, **{"ray.address": f"127.0.0.1:{port}"})
+        RAY.init(address=f"127.0.0.1:{port}")
+        assert wait_for(lambda: sum(n["Alive"] for n in RAY.nodes()) == 2, timeout=120)
+        # Two workers of one CPU each on two one-CPU nodes: one worker per node.
+        metrics = launch.pretrain(cfg, tmp_path, dataset_fn=images())
+        check_outputs(cfg, tmp_path, metrics, steps=12)
+    finally:
+        RAY.shutdown()
+        for p in reversed(nodes):
+            p.send_signal(signal.SIGTERM)
+        for p in reversed(nodes):
+            try:
+                p.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                p.kill()
