@@ -19,15 +19,18 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline import tracking
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.models import Encoder, build_encoder, load_encoder
-from pipeline.models.io import ENCODER_DIR, encoder_meta
+
+if TYPE_CHECKING:
+    from pipeline.models import Encoder
+
+# MLflow and timm are imported where used: they take seconds to import, and the pure functions here
+# (and the modules that use them, and their tests) need neither.
 
 METRICS_DIR = "metrics"
 CACHE_DIR = Path(".cache") / "features"
@@ -62,6 +65,8 @@ def check_architecture(meta: dict, cfg: Config, where: str) -> None:
 
 def random_encoder(cfg: Config) -> Encoder:
     """The baseline: the same architecture, random init seeded by pretrain.seed, frozen."""
+    from pipeline.models import build_encoder
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.pretrain.seed)
         enc = build_encoder(cfg.model, cfg.data.image_size)
@@ -70,6 +75,10 @@ def random_encoder(cfg: Config) -> Encoder:
 
 def prepare(cfg: Config, root: str | Path | None = None) -> EvalContext:
     """Load the pretrained encoder (checked against params), build the baseline, read the run id."""
+    from pipeline import tracking
+    from pipeline.models import load_encoder
+    from pipeline.models.io import ENCODER_DIR, encoder_meta
+
     root = Path.cwd() if root is None else Path(root)
     out_dir = root / cfg.pretrain.out_dir
     enc_dir = out_dir / ENCODER_DIR
@@ -120,6 +129,8 @@ def write_json(obj: Any, path: Path) -> Path:
 def finish(cfg: Config, ctx: EvalContext, name: str, metrics: dict[str, Any], params: dict[str, Any],
            artifacts: list[Path] = ()) -> Path:
     """Write metrics/<name>.json and log the child run `name` of the pretrain run; returns the json path."""
+    from pipeline import tracking
+
     path = write_json(metrics, ctx.root / METRICS_DIR / f"{name}.json")
     tracking.connect(cfg.mlflow, ctx.root)
     with tracking.child_run(ctx.run_id, name, flatten(params)):

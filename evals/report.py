@@ -25,7 +25,6 @@ import pandas as pd
 from evals import common
 from evals.depth import LOWER_IS_BETTER
 from evals.features import VIEWS
-from pipeline import tracking
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 
@@ -110,6 +109,8 @@ def write_report(table: pd.DataFrame, out_dir: Path) -> list[Path]:
 
 def run(cfg: Config, root: str | Path | None = None) -> pd.DataFrame:
     """The report stage: read metrics/eval_*.json, write reports/evals.*, log them to MLflow."""
+    from pipeline import tracking  # slow to import; the table functions above do not need it
+
     root = Path.cwd() if root is None else Path(root)
     run_id = tracking.read_run_id(root / cfg.pretrain.out_dir / common.RUN_ID_FILE)
     table = build_table(read_metrics(root))

@@ -1,0 +1,44 @@
+"""The report table: rows, columns, margin signs, markdown / CSV output."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from evals.report import COLUMNS, build_table, to_markdown, write_report
+
+RESULTS = {
+    "eval_linear": {"ijepa": {"last": {"top1": 60.0, "top5": 90.0}, "last4": {"top1": 65.0, "top5": 92.0}},
+                    "random": {"last": {"top1": 20.0, "top5": 50.0}, "last4": {"top1": 25.0, "top5": 55.0}}},
+    "eval_clevr": {"ijepa": {"count_all": {"last": {"top1": 40.0}, "last4": {"top1": 45.0}}},
+                   "random": {"count_all": {"last": {"top1": 30.0}, "last4": {"top1": 28.0}}}},
+    "eval_depth": {"ijepa": {"last": {"rmse": 0.8, "d1": 0.7}}, "random": {"last": {"rmse": 1.0, "d1": 0.6}},
+                   "mean_depth": {"rmse": 1.2, "d1": 0.5}},
+}
+
+
+def test_rows_columns_and_margins():
+    t = build_table(RESULTS)
+    assert list(t.columns) == COLUMNS
+    assert set(t.index) == {("linear", "top1"), ("linear", "top5"), ("clevr.count_all", "top1"),
+                            ("depth", "rmse"), ("depth", "d1")}
+    assert t.loc[("linear", "top1"), "margin.last4"] == pytest.approx(40.0)
+    assert t.loc[("clevr.count_all", "top1"), "margin.last4"] == pytest.approx(17.0)
+    assert t.loc[("depth", "rmse"), "margin.last"] == pytest.approx(0.2)  # lower error: a positive margin
+    assert t.loc[("depth", "d1"), "margin.last"] == pytest.approx(0.1)
+    assert t.loc[("depth", "rmse"), "baseline"] == pytest.approx(1.2)
+    assert math.isnan(t.loc[("depth", "rmse"), "ijepa.last4"])  # depth has one view
+    assert math.isnan(t.loc[("linear", "top1"), "baseline"])
+
+
+def test_markdown_and_csv(tmp_path):
+    t = build_table(RESULTS)
+    md = to_markdown(t)
+    lines = md.strip().splitlines()
+    assert lines[0].startswith("| evaluation | metric | ijepa.last |")
+    assert len(lines) == 2 + len(t)
+    assert "| depth | rmse | 0.8 | - |" in md
+    files = write_report(t, tmp_path)
+    assert {f.name for f in files} >= {"evals.csv", "evals.md"}
+    back = pd.read_csv(tmp_path / "evals.csv", index_col=[0, 1])
+    assert back.loc[("linear", "top1"), "ijepa.last"] == pytest.approx(60.0)

@@ -1,0 +1,111 @@
+"""Every evaluation stage end to end on tiny exported data, and the bad inputs that must fail cleanly."""
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from evals import clevr, depth, linear, report, semi
+from pipeline import tracking
+from pipeline.config import load_config
+from pipeline.data import export_synthetic
+from pipeline.errors import PipelineError
+from pipeline.models import build_encoder, save_encoder
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = {"eval_linear.epochs": 5, "eval_semi.epochs": 5, "eval_clevr.epochs": 5, "eval_depth.epochs": 3,
+        "eval_depth.num_bins": 16, "mlflow.system_metrics": False}
+
+
+@pytest.fixture(scope="module")
+def shared_data(tmp_path_factory) -> Path:
+    """The synthetic export at 32 px (64 train / 32 val scenes), once for this module."""
+    root = tmp_path_factory.mktemp("evaldata")
+    cfg = load_config(ROOT / "params.yaml").replace(**{
+        "data.image_size": 32, "data.synthetic.train_scenes": 64, "data.synthetic.val_scenes": 32})
+    export_synthetic(cfg.data, root, progress=False)
+    return root
+
+
+@pytest.fixture
+def cfg(tiny_cfg):
+    """tiny_cfg with a saved (random) 'pretrained' encoder and a placeholder pretrain run id."""
+    cfg = tiny_cfg.replace(**FAST)
+    torch.manual_seed(123)
+    enc = build_encoder(cfg.model, cfg.data.image_size)
+    out = Path(cfg.pretrain.out_dir)
+    save_encoder(enc, cfg.model, cfg.data.image_size, out / "encoder")
+    tracking.write_run_id("0" * 32, out / "run_id.txt")  # bad-input tests fail before MLflow is touched
+    return cfg
+
+
+def run_names(cfg) -> list[str]:
+    db = cfg.mlflow.tracking_uri.removeprefix("sqlite:///")
+    with sqlite3.connect(db) as con:
+        return [r[0] for r in con.execute("select name from runs")]
+
+
+@pytest.mark.slow  # ~2 min on the busy 2-core box: 5 MLflow child runs, 2 encoders x 3 datasets
+def test_every_stage_end_to_end(cfg, shared_data, tmp_path):
+    cfg = cfg.replace(**{"data.root": str(shared_data)})
+    with tracking.pipeline_run(cfg, "pretrain", root=tmp_path) as run:
+        tracking.write_run_id(run.info.run_id, Path(cfg.pretrain.out_dir) / "run_id.txt")
+    m = linear.run(cfg, tmp_path)
+    cached = sorted((tmp_path / ".cache" / "features").iterdir())
+    assert len(cached) == 4  # (ijepa, random) x (train, val)
+    for enc in ("ijepa", "random"):
+        for view in ("last", "last4"):
+            assert 0 <= m[enc][view]["top1"] <= m[enc][view]["top5"] <= 100
+    semi.run(cfg, tmp_path)
+    assert sorted((tmp_path / ".cache" / "features").iterdir()) == cached  # the 1% probe reuses train features
+    c = clevr.run(cfg, tmp_path)
+    assert set(c["random"]) == {"count_all", "closest_object_distance"}
+    d = depth.run(cfg, tmp_path)
+    assert set(d) == {"ijepa", "random", "mean_depth"}
+    assert 0 <= d["ijepa"]["last"]["d1"] <= d["ijepa"]["last"]["d2"] <= d["ijepa"]["last"]["d3"] <= 1
+    table = report.run(cfg, tmp_path)
+    for name in ("eval_linear", "eval_semi", "eval_clevr", "eval_depth"):
+        doc = json.loads((tmp_path / "metrics" / f"{name}.json").read_text())
+        assert "random" in doc and "ijepa" in doc
+    assert {"linear", "semi_1pct", "clevr.count_all", "clevr.closest_object_distance", "depth"} == \
+        set(table.index.get_level_values(0))
+    assert (tmp_path / "reports" / "evals.md").is_file() and (tmp_path / "reports" / "evals.csv").is_file()
+    assert {"pretrain", "eval_linear", "eval_semi", "eval_clevr", "eval_depth", "report"} <= set(run_names(cfg))
+
+
+def test_architecture_mismatch_names_both_and_writes_nothing(cfg, tmp_path):
+    bad = cfg.replace(**{"model.patch_size": 16})
+    with pytest.raises(PipelineError, match="vit_tiny/8 at 32 px.*model.patch_size=16"):
+        linear.run(bad, tmp_path)
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_missing_split_and_empty_subset_fail_cleanly(cfg, tmp_path):
+    root = tmp_path / "broken"
+    (root / "imagenet" / "train" / "n01").mkdir(parents=True)
+    (root / "imagenet" / "train" / "n01" / "n01_1.JPEG").write_bytes(b"")
+    with pytest.raises(PipelineError, match="val"):
+        linear.run(cfg.replace(**{"data.root": str(root)}), tmp_path)
+    (root / "imagenet" / "val" / "n01").mkdir(parents=True)
+    (root / "imagenet" / "val" / "n01" / "x.JPEG").write_bytes(b"")
+    (root / "imagenet" / "1percent.txt").write_text("\n")
+    with pytest.raises(PipelineError, match="empty subset"):
+        semi.run(cfg.replace(**{"data.root": str(root)}), tmp_path)
+    assert not (tmp_path / "metrics").exists()
+
+
+@pytest.mark.slow
+def test_stage_cli_exits_2_with_one_line(cfg, tmp_path):
+    params = tmp_path / "params.yaml"
+    doc = json.loads(json.dumps(cfg.replace(**{"model.patch_size": 16}).to_dict(), default=list))
+    params.write_text(yaml.safe_dump(doc))
+    proc = subprocess.run([sys.executable, "-m", "stages.eval_linear", "--params", str(params)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.patch_size=16" in errors[0]
