@@ -28,7 +28,7 @@ def evaluate_clevr(encoder: nn.Module, tasks: dict[str, tuple[Dataset, Dataset]]
     for task, (train, val) in tasks.items():
         ftr = extract(encoder, train, "pooled", desc=f"features {task} train", **kw)
         fva = extract(encoder, val, "pooled", desc=f"features {task} val", **kw)
-        c = getattr(train, "num_classes", None) or int(ftr["y"].max()) + 1
+        c = getattr(getattr(train, "dataset", train), "num_classes", None) or int(ftr["y"].max()) + 1
         out[task] = {}
         for v in VIEWS:
             res = linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], c, cfg)
@@ -44,10 +44,13 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
     ctx = common.prepare(cfg, root)
     clevr = dataset_paths(cfg.data, ctx.root).clevr
     tf = eval_transform(cfg.data.image_size)
+    max_train, max_test = common.caps(cfg.eval_clevr)
     tasks = {}
-    for task in TASKS:
+    for task in TASKS:  # same seed and length: both tasks keep the same images, so they share features
         train = ClevrDataset(clevr, "train", task, tf)
-        tasks[task] = (train, ClevrDataset(clevr, "val", task, tf, thresholds=train.thresholds))
+        val = ClevrDataset(clevr, "val", task, tf, thresholds=train.thresholds)
+        tasks[task] = (common.limit(train, max_train, cfg.eval_clevr.seed),
+                       common.limit(val, max_test, cfg.eval_clevr.seed))
     results = {name: evaluate_clevr(enc, tasks, cfg.eval_clevr, cache_dir=ctx.cache_dir,
                                     num_workers=cfg.data.num_workers)
                for name, enc in ctx.encoders.items()}

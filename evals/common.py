@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.data import Dataset, Subset
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError
@@ -89,6 +90,19 @@ def prepare(cfg: Config, root: str | Path | None = None) -> EvalContext:
     dev = device()
     encoders = {"ijepa": load_encoder(enc_dir).to(dev), "random": random_encoder(cfg).to(dev)}
     return EvalContext(root, encoders, run_id, root / CACHE_DIR, dev)
+
+
+def limit(ds: Dataset, cap: int | None, seed: int) -> Dataset:
+    """At most `cap` items of `ds`: a seeded random choice kept in dataset order (all when cap is None)."""
+    if cap is None or cap >= len(ds):
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:cap].sort().values
+    return Subset(ds, idx.tolist())
+
+
+def caps(section: Any) -> tuple[int | None, int | None]:
+    """(max_train, max_test) of an eval section; None (no cap) where params.yaml has no such key."""
+    return getattr(section, "max_train", None), getattr(section, "max_test", None)
 
 
 def split_hparams(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from evals import common
 from evals.features import extract
-from evals.probe import GridAdam, cosine, grid, split_train_val
+from evals.probe import GridAdam, cosine, grid, head_device, split_train_val
 from pipeline.config import Config, DepthProbeConfig
 from pipeline.errors import PipelineError
 
@@ -53,7 +53,7 @@ def eval_mask(gt: Tensor, min_depth: float, max_depth: float, eigen: bool = True
 
     valid = (gt > min_depth) & (gt < max_depth)
     if eigen:
-        valid &= torch.from_numpy(eigen_mask(*gt.shape[-2:]))
+        valid &= torch.from_numpy(eigen_mask(*gt.shape[-2:])).to(gt.device)
     return valid
 
 
@@ -92,13 +92,14 @@ def mean_depth_map(depths: Tensor, min_depth: float, max_depth: float) -> Tensor
 class DepthHeads:
     """G linear depth heads trained at once; tokens (B, N, D) standardised -> depth (B, G, S, S)."""
 
-    def __init__(self, dim: int, heads: int, cfg: DepthProbeConfig, grid_hw: tuple[int, int], image_size: int):
+    def __init__(self, dim: int, heads: int, cfg: DepthProbeConfig, grid_hw: tuple[int, int], image_size: int,
+                 device: torch.device | str = "cpu"):
         self.k = cfg.num_bins if cfg.head == "bins" else 1
         self.cfg, self.grid_hw, self.image_size = cfg, grid_hw, image_size
-        self.w_tok = torch.zeros(heads, dim, self.k, requires_grad=True)
-        self.w_pool = torch.zeros(heads, dim, self.k, requires_grad=True)
-        self.b = torch.zeros(heads, self.k, requires_grad=True)
-        self.centres = torch.linspace(cfg.min_depth, cfg.max_depth, self.k)
+        self.w_tok = torch.zeros(heads, dim, self.k, device=device, requires_grad=True)
+        self.w_pool = torch.zeros(heads, dim, self.k, device=device, requires_grad=True)
+        self.b = torch.zeros(heads, self.k, device=device, requires_grad=True)
+        self.centres = torch.linspace(cfg.min_depth, cfg.max_depth, self.k, device=device)
 
     @property
     def params(self) -> list[Tensor]:
@@ -135,10 +136,14 @@ def sig_loss(pred: Tensor, gt: Tensor, valid: Tensor) -> Tensor:
 
 def train_depth_heads(tokens: Tensor, depths: Tensor, points: list[tuple[float, float]], cfg: DepthProbeConfig,
                       grid_hw: tuple[int, int]) -> DepthHeads:
-    """tokens (n, N, D) standardised, depths (n, S, S) -> heads trained with Adam + cosine lr."""
-    heads = DepthHeads(tokens.shape[-1], len(points), cfg, grid_hw, depths.shape[-1])
-    wd = torch.tensor([p[1] for p in points])
-    opt = GridAdam(heads.params, torch.tensor([p[0] for p in points]))
+    """tokens (n, N, D) standardised, depths (n, S, S) -> heads trained with Adam + cosine lr.
+
+    Inputs stay where they are (CPU); each minibatch moves to `head_device()`.
+    """
+    dev = head_device()
+    heads = DepthHeads(tokens.shape[-1], len(points), cfg, grid_hw, depths.shape[-1], dev)
+    wd = torch.tensor([p[1] for p in points], device=dev)
+    opt = GridAdam(heads.params, torch.tensor([p[0] for p in points], device=dev))
     bsz = heads.batch_size(tokens.shape[1])
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(tokens)
@@ -148,10 +153,10 @@ def train_depth_heads(tokens: Tensor, depths: Tensor, points: list[tuple[float, 
         perm = torch.randperm(n, generator=gen)
         for i in range(per_epoch):
             idx = perm[i * bsz:(i + 1) * bsz]
-            gt = depths[idx]
+            gt = depths[idx].to(dev)
             valid = (gt > cfg.min_depth) & (gt < cfg.max_depth)
             if valid.any():
-                loss = sig_loss(heads(tokens[idx].float()), gt, valid).sum()
+                loss = sig_loss(heads(tokens[idx].to(dev).float()), gt, valid).sum()
                 loss = loss + 0.5 * (wd * (heads.w_tok.pow(2).sum((1, 2)) + heads.w_pool.pow(2).sum((1, 2)))).sum()
                 opt.step(torch.autograd.grad(loss, heads.params), cosine(step, total))
             step += 1
@@ -160,9 +165,9 @@ def train_depth_heads(tokens: Tensor, depths: Tensor, points: list[tuple[float, 
 
 @torch.no_grad()
 def predict(heads: DepthHeads, tokens: Tensor) -> Tensor:
-    """tokens (n, N, D) standardised -> (n, G, S, S), clamped to [min_depth, max_depth]."""
-    bsz = heads.batch_size(tokens.shape[1])
-    out = [heads(tokens[i:i + bsz].float()) for i in range(0, len(tokens), bsz)]
+    """tokens (n, N, D) standardised -> (n, G, S, S) on the CPU, clamped to [min_depth, max_depth]."""
+    bsz, dev = heads.batch_size(tokens.shape[1]), heads.b.device
+    out = [heads(tokens[i:i + bsz].to(dev).float()).cpu() for i in range(0, len(tokens), bsz)]
     return torch.cat(out).clamp(heads.cfg.min_depth, heads.cfg.max_depth)
 
 
@@ -241,8 +246,9 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
 
     ctx = common.prepare(cfg, root)
     nyu = dataset_paths(cfg.data, ctx.root).nyu
-    train = NyuDepth(nyu, "train", cfg.data.image_size)
-    test = NyuDepth(nyu, "test", cfg.data.image_size)
+    max_train, max_test = common.caps(cfg.eval_depth)
+    train = common.limit(NyuDepth(nyu, "train", cfg.data.image_size), max_train, cfg.eval_depth.seed)
+    test = common.limit(NyuDepth(nyu, "test", cfg.data.image_size), max_test, cfg.eval_depth.seed)
     results, panels = {}, []
     for name, enc in ctx.encoders.items():
         panel = ctx.root / "reports" / f"depth_{name}.png"

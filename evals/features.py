@@ -136,6 +136,28 @@ def _run(encoder: nn.Module, ds: Dataset, kind: Kind, batch_size: int, num_worke
     return feats
 
 
+def _cache_path(encoder: nn.Module, ds: Dataset, kind: Kind, cache_dir: str | Path | None,
+                encoder_hash: str | None) -> Path | None:
+    identity = dataset_identity(ds) if cache_dir is not None else None
+    if identity is None:
+        return None
+    return Path(cache_dir) / f"{cache_key(encoder_hash or weights_hash(encoder), identity, kind)}.pt"
+
+
+def _with_targets(feats: dict[str, Tensor], ds: Dataset) -> dict[str, Tensor]:
+    labels = _targets(ds)
+    return feats if labels is None else {**feats, "y": labels}
+
+
+def cached(encoder: nn.Module, ds: Dataset, kind: Kind = "pooled", *, cache_dir: str | Path | None = None,
+           encoder_hash: str | None = None) -> dict[str, Tensor] | None:
+    """The cached features of `ds` (as `extract` returns them), or None when not cached: never runs the encoder."""
+    path = _cache_path(encoder, ds, kind, cache_dir, encoder_hash)
+    if path is None or not path.is_file():
+        return None
+    return _with_targets(torch.load(path, map_location="cpu", weights_only=True), ds)
+
+
 def extract(encoder: nn.Module, ds: Dataset, kind: Kind = "pooled", *, batch_size: int = 256,
             cache_dir: str | Path | None = None, num_workers: int = 0, desc: str = "features",
             encoder_hash: str | None = None) -> dict[str, Tensor]:
@@ -146,22 +168,10 @@ def extract(encoder: nn.Module, ds: Dataset, kind: Kind = "pooled", *, batch_siz
     """
     if kind not in ("pooled", "tokens"):
         raise PipelineError(f"feature kind {kind!r} is not allowed; expected 'pooled' or 'tokens'")
-    identity = dataset_identity(ds) if cache_dir is not None else None
-    path = None
-    if identity is not None:
-        key = cache_key(encoder_hash or weights_hash(encoder), identity, kind)
-        path = Path(cache_dir) / f"{key}.pt"
-        if path.is_file():
-            feats = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            feats = None
-    else:
-        feats = None
-    if feats is None:
-        feats = _run(encoder, ds, kind, batch_size, num_workers, desc)
-        if path is not None:
-            _save_atomic(feats, path)
-    labels = _targets(ds)
-    if labels is not None:
-        feats = {**feats, "y": labels}
-    return feats
+    path = _cache_path(encoder, ds, kind, cache_dir, encoder_hash)
+    if path is not None and path.is_file():
+        return _with_targets(torch.load(path, map_location="cpu", weights_only=True), ds)
+    feats = _run(encoder, ds, kind, batch_size, num_workers, desc)
+    if path is not None:
+        _save_atomic(feats, path)
+    return _with_targets(feats, ds)

@@ -18,7 +18,7 @@ NAME = "eval_linear"
 
 
 def num_classes(train: Dataset, y) -> int:
-    classes = getattr(train, "classes", None)
+    classes = getattr(getattr(train, "dataset", train), "classes", None)  # through a Subset
     return len(classes) if classes is not None else int(y.max()) + 1
 
 
@@ -51,6 +51,9 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
     """The eval_linear stage: both encoders, metrics/eval_linear.json, an MLflow child run."""
     ctx = common.prepare(cfg, root)
     train, val = imagenet_splits(cfg, ctx.root)
+    max_train, max_test = common.caps(cfg.eval_linear)
+    train = common.limit(train, max_train, cfg.eval_linear.seed)
+    val = common.limit(val, max_test, cfg.eval_linear.seed)
     results = {name: evaluate_linear(enc, train, val, cfg.eval_linear, cache_dir=ctx.cache_dir,
                                      num_workers=cfg.data.num_workers)
                for name, enc in ctx.encoders.items()}

@@ -26,6 +26,11 @@ from pipeline.errors import PipelineError
 PROBE_BATCH = 1024  # training minibatch on cached features (cfg.batch_size is for extraction)
 
 
+def head_device() -> torch.device:
+    """Heads train on the GPU when there is one (features are cached on the CPU)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class GridAdam:
     """Adam over parameters whose first axis is the head (G, ...); head g steps with lrs[g]."""
 
@@ -107,16 +112,16 @@ def train_heads(x: Tensor, y: Tensor, num_classes: int, lrs: Sequence[float], wd
     Returns w (G, D, C), b (G, C). Adam, cosine lr over all steps, minibatches shuffled per epoch.
     """
     n, d = x.shape
-    heads = len(lrs)
-    w = torch.zeros(heads, d, num_classes, requires_grad=True)
-    b = torch.zeros(heads, num_classes, requires_grad=True)
-    wd = torch.tensor(list(wds), dtype=torch.float32)
-    opt = GridAdam([w, b], torch.tensor(list(lrs), dtype=torch.float32))
+    heads, dev = len(lrs), x.device
+    w = torch.zeros(heads, d, num_classes, device=dev, requires_grad=True)
+    b = torch.zeros(heads, num_classes, device=dev, requires_grad=True)
+    wd = torch.tensor(list(wds), dtype=torch.float32, device=dev)
+    opt = GridAdam([w, b], torch.tensor(list(lrs), dtype=torch.float32, device=dev))
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(n / batch_size)
     total, step = epochs * steps_per_epoch, 0
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen) if steps_per_epoch > 1 else torch.arange(n)
+        perm = (torch.randperm(n, generator=gen) if steps_per_epoch > 1 else torch.arange(n)).to(dev)
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size:(i + 1) * batch_size]
             logits = _logits(x[idx], w, b)  # (B, G, C)
@@ -131,8 +136,9 @@ def train_heads(x: Tensor, y: Tensor, num_classes: int, lrs: Sequence[float], wd
 def linear_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, num_classes: int,
                  cfg: ProbeConfig) -> dict[str, float]:
     """Features (n, D) and labels (n,) -> {"top1", "top5"} on test in %, plus the chosen "lr", "weight_decay"."""
+    dev = head_device()
     with num_threads(1):
-        return _linear_probe(x_train, y_train, x_test, y_test, num_classes, cfg)
+        return _linear_probe(x_train.to(dev), y_train.to(dev), x_test.to(dev), y_test.to(dev), num_classes, cfg)
 
 
 def _linear_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, num_classes: int,
@@ -148,7 +154,7 @@ def _linear_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tens
     if len(points) == 1:
         lr, wd = points[0]
     else:
-        tr, va = split_train_val(len(xs), cfg.val_fraction, cfg.seed)
+        tr, va = (i.to(xs.device) for i in split_train_val(len(xs), cfg.val_fraction, cfg.seed))
         sub = standardizer(x_train[tr])  # selection must not see the val items' statistics
         w, b = train_heads(sub(x_train[tr]), y_train[tr], num_classes, [p[0] for p in points],
                            [p[1] for p in points], cfg.epochs, cfg.seed)

@@ -1,6 +1,7 @@
 """1% semi-supervised probe: the linear probe trained only on the images of the 1% list; top-1 on val.
 
-The features are the full train set's (cached by the linear probe); the 1% rows are picked by path.
+When the linear probe has cached the full train set's features, the 1% rows are picked from them (by
+path); otherwise only the 1% images are encoded. The val features are the linear probe's.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from evals import common
-from evals.features import VIEWS, extract
+from evals.features import VIEWS, cached, extract
 from evals.linear import imagenet_splits, num_classes
 from evals.probe import linear_probe
 from pipeline.config import Config, ProbeConfig
@@ -41,11 +42,15 @@ def evaluate_semi(encoder: nn.Module, train: Dataset, val: Dataset, subset: Sequ
     if len(subset) == 0:
         raise PipelineError("1% probe: the subset is empty; expected at least one training image")
     kw = {"batch_size": cfg.batch_size, "cache_dir": cache_dir, "num_workers": num_workers}
-    ftr = extract(encoder, train, "pooled", desc="features train", **kw)
+    full = cached(encoder, train, "pooled", cache_dir=cache_dir)
+    if full is not None:  # the linear probe's train features: pick the rows
+        idx = torch.as_tensor(list(subset), dtype=torch.long)
+        ftr = {k: v[idx] for k, v in full.items()}
+    else:  # encode only the subset's images (1% of the work)
+        ftr = extract(encoder, Subset(train, list(subset)), "pooled", desc="features 1%", **kw)
     fva = extract(encoder, val, "pooled", desc="features val", **kw)
-    idx = torch.as_tensor(list(subset), dtype=torch.long)
     c = num_classes(train, ftr["y"])
-    return {v: linear_probe(ftr[v][idx], ftr["y"][idx], fva[v], fva["y"], c, cfg) for v in VIEWS}
+    return {v: linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], c, cfg) for v in VIEWS}
 
 
 def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
@@ -54,6 +59,7 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
 
     ctx = common.prepare(cfg, root)
     train, val = imagenet_splits(cfg, ctx.root)
+    val = common.limit(val, common.caps(cfg.eval_semi)[1], cfg.eval_semi.seed)
     subset_file = dataset_paths(cfg.data, ctx.root).imagenet_subset
     subset = subset_indices(train, ImageNetFolder(train.root, "train", subset_file=subset_file))
     results = {name: evaluate_semi(enc, train, val, subset, cfg.eval_semi, cache_dir=ctx.cache_dir,

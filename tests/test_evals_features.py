@@ -3,7 +3,10 @@
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from evals.features import dataset_identity, extract, weights_hash
+from evals.common import limit
+from evals.features import cached, dataset_identity, extract, weights_hash
+from evals.semi import evaluate_semi
+from pipeline.config import ProbeConfig
 from pipeline.models import Encoder
 
 
@@ -104,3 +107,28 @@ def test_labels_are_not_part_of_the_key(tmp_path):
     before = dataset_identity(Files(paths, [0] * 4))
     paths[0].write_text("12345")  # a re-exported file changes size / mtime: a new key
     assert dataset_identity(Files(paths, [0] * 4)) != before
+
+
+def test_cached_never_runs_the_encoder(tmp_path):
+    enc, ds = Counting(tiny_encoder()), images()
+    assert cached(enc, ds, cache_dir=tmp_path) is None and enc.calls == 0
+    f = extract(enc, ds, batch_size=4, cache_dir=tmp_path)
+    assert torch.equal(cached(enc, ds, cache_dir=tmp_path)["last"], f["last"]) and enc.calls == 3
+
+
+def test_semi_encodes_only_the_subset_unless_train_is_cached(tmp_path):
+    enc, train, val = Counting(tiny_encoder()), images(12), images(6, seed=1)
+    cfg = ProbeConfig(epochs=2, lrs=(0.1,), weight_decays=(0.0,))
+    evaluate_semi(enc, train, val, [0, 1, 2, 3, 4, 5], cfg, cache_dir=tmp_path / "a")
+    assert enc.calls == 2  # 6 subset images + 6 val images, one batch each (batch_size 256)
+    enc.calls = 0
+    extract(enc, train, cache_dir=tmp_path / "b")
+    evaluate_semi(enc, train, val, [0, 1, 2, 3, 4, 5], cfg, cache_dir=tmp_path / "b")
+    assert enc.calls == 2  # the full train pass + val; the subset rows came from the cache
+
+
+def test_limit_is_a_seeded_ordered_subset():
+    ds = images(20)
+    a, b = limit(ds, 8, seed=0), limit(ds, 8, seed=0)
+    assert list(a.indices) == list(b.indices) == sorted(a.indices) and len(a) == 8
+    assert limit(ds, None, 0) is ds and limit(ds, 50, 0) is ds
