@@ -2,6 +2,7 @@
 
     pretrain(cfg, root) -> summary       the pretrain stage: train (or resume, or re-export) and write outs
     build_trainer(cfg, dataset_fn, ...)  a TorchTrainer over `pipeline.train.train_worker` (Tune trials)
+    tune_sweep(cfg, root, name, ...)     the sweep stage's Tuner: one trial = one short pretraining (pipeline.sweep)
 
 A pretraining run is named by the hash of the sections that change what it learns (`run_name`). Its Ray
 storage is `<ray.storage_path>/<name>/`; Ray Train V2 resumes a run from its latest checkpoint when a
@@ -29,8 +30,12 @@ import pandas as pd
 import ray
 import ray.train
 import yaml
+from ray import tune
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
 from torch.utils.data import Dataset
 
 from pipeline import tracking
@@ -38,7 +43,7 @@ from pipeline.config import Config, RayConfig
 from pipeline.errors import PipelineError
 from pipeline.models.ijepa import build_ijepa
 from pipeline.models.io import save_encoder
-from pipeline.train import CURVE_COLUMNS, load_checkpoint, pretrain_dataset, set_threads, train_worker
+from pipeline.train import CURVE_COLUMNS, EpochEndFn, load_checkpoint, pretrain_dataset, set_threads, train_worker
 
 RUN_SECTIONS = ("data", "mask", "model", "optim", "pretrain")  # what a run learns from; not ray, not mlflow
 STATE_FILE = "pipeline.json"
@@ -111,18 +116,20 @@ def _worker_loop(config: dict[str, Any]) -> None:
     if config.get("run_id") and rank == 0:
         tracker = tracking.RunLogger(config["tracking_uri"], config["run_id"])
     train_worker(cfg, config["dataset_fn"](), _reporter(config.get("stop_file")), restore=restore, tracker=tracker,
-                 max_epochs=config.get("max_epochs"), device=device)
+                 max_epochs=config.get("max_epochs"), device=device, epoch_end=config.get("epoch_end"))
 
 
 def build_trainer(cfg: Config, dataset_fn: Callable[[], Dataset], name: str, storage_path: str | Path, *,
                   tracking_uri: str | None = None, run_id: str | None = None, max_epochs: int | None = None,
-                  stop_file: str | Path | None = None, callbacks: Sequence[Any] = ()) -> TorchTrainer:
+                  stop_file: str | Path | None = None, callbacks: Sequence[Any] = (),
+                  epoch_end: EpochEndFn | None = None) -> TorchTrainer:
     """A TorchTrainer running `train_worker` on `cfg.ray.num_workers` workers.
 
     `dataset_fn()` builds the dataset inside each worker (picklable: a module-level function or a
     functools.partial of one). MLflow metrics go to `run_id` when given; a NaN stop is written to
     `stop_file` (JSON with `nan_step`) when given. A Tune trial passes
     `callbacks=[TuneReportCallback()]` and `max_epochs` (its budget); the reports then reach Tune.
+    `epoch_end(model, epoch)` runs on rank 0 after each epoch, its metrics joining the epoch's report.
     """
     r = cfg.ray
     scaling = ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
@@ -132,7 +139,7 @@ def build_trainer(cfg: Config, dataset_fn: Callable[[], Dataset], name: str, sto
                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.pretrain.num_to_keep))
     loop_config = {"cfg": cfg, "dataset_fn": dataset_fn, "run_id": run_id, "tracking_uri": tracking_uri,
                    "max_epochs": max_epochs, "stop_file": str(stop_file) if stop_file else None,
-                   "pid_dir": str(Path(storage_path).resolve() / name / PID_DIR)}
+                   "pid_dir": str(Path(storage_path).resolve() / name / PID_DIR), "epoch_end": epoch_end}
     return TorchTrainer(_worker_loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
 
 
@@ -253,3 +260,124 @@ def _curves_png(cfg: Config, history: pd.DataFrame, path: Path) -> Path | None:
         return None
     return training_curves(history, path, collapse_std_min=cfg.pretrain.collapse_std_min,
                            collapse_rank_min=cfg.pretrain.collapse_rank_min, title="I-JEPA pretraining")
+
+
+# --------------------------------------------------------------------------------------------- sweep
+
+
+class _EpochReports(TuneReportCallback):
+    """TuneReportCallback for the reports that carry `metric` (the epoch ends): Tune rejects a result
+    without its scheduler's metric, and the checkpoint-only reports have none."""
+
+    def __init__(self, metric: str):
+        super().__init__()
+        self.metric = metric
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if metrics and self.metric in metrics[0]:
+            super().after_report(run_context, metrics, None)  # the trainer keeps its own checkpoints
+
+
+def _sweep_trial(params: dict[str, Any], *, cfg: Config, root: str, trial_config: Callable[[Config, dict], Config],
+                 dataset_fn: Callable[[], Dataset], epoch_end: EpochEndFn, label: Callable[[dict], str],
+                 metric: str, parent_run_id: str, trials_dir: str) -> None:
+    """One Tune trial: a child MLflow run, then the pretrain loop on a TorchTrainer of its own.
+
+    The trainer is named by the trial id under `trials_dir`, so a trial restarted by Tuner.restore
+    resumes from its last checkpoint; its child run id is kept there too and reopened.
+    """
+    trial_id = tune.get_context().get_trial_id()
+    tcfg = trial_config(cfg, params)
+    root_path = Path(root)
+    uri = tracking.tracking_uri(cfg.mlflow, root_path)
+    tracking.connect(cfg.mlflow, root_path)
+    id_file = Path(trials_dir) / trial_id / "mlflow_run_id.txt"
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    if run_id and tracking.run_status(run_id) is None:
+        run_id = None
+    run_params = {"trial_id": trial_id, **{f"mask.{k}": v for k, v in params.items()},
+                  "tune.epochs": cfg.tune.epochs, "ray.resources_per_worker": tcfg.ray.resources_per_worker}
+    opened = (tracking.pipeline_run(tcfg, label(params), run_id=run_id, root=root_path) if run_id
+              else tracking.child_run(parent_run_id, label(params), params=run_params))
+    with opened as run:
+        tracking.write_run_id(run.info.run_id, id_file)
+        build_trainer(tcfg, dataset_fn, trial_id, trials_dir, tracking_uri=uri, run_id=run.info.run_id,
+                      max_epochs=cfg.tune.epochs, callbacks=[_EpochReports(metric)], epoch_end=epoch_end).fit()
+
+
+def _param_space(cfg: Config, space: dict[str, list[Any]]) -> dict[str, Any]:
+    pick = tune.grid_search if cfg.tune.search == "grid" else tune.choice
+    return {k: pick(v) for k, v in space.items()}
+
+
+def _trial_record(result: Any, trials_dir: Path, keys: Sequence[str]) -> dict[str, Any]:
+    """{"trial_id", "params", "history": [one dict per epoch], "error", "mlflow_run_id"} of a Tune result."""
+    df = result.metrics_dataframe
+    history: list[dict[str, Any]] = []
+    if df is not None and "epoch" in df:
+        df = df.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last").sort_values("epoch")
+        history = [{k: (float(v) if k != "epoch" else int(v)) for k, v in row.items() if k in keys and v == v}
+                   for row in df.to_dict("records")]
+    trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+    id_file = trials_dir / trial_id / "mlflow_run_id.txt"
+    return {"trial_id": trial_id, "params": dict(result.config), "history": history,
+            "error": str(result.error).splitlines()[0] if result.error else None,
+            "mlflow_run_id": id_file.read_text().strip() if id_file.is_file() else None}
+
+
+def tune_sweep(cfg: Config, root: str | Path, name: str, *, space: dict[str, list[Any]],
+               trial_config: Callable[[Config, dict], Config], dataset_fn: Callable[[], Dataset],
+               epoch_end: EpochEndFn, check_resources: Callable[[Config, dict[str, float]], int],
+               label: Callable[[dict], str], metric: str, driver_resources: dict[str, float],
+               history_keys: Sequence[str]) -> tuple[list[dict[str, Any]], str]:
+    """Run (or resume, or just read back) the Tune sweep `name`; returns (trial records, parent run id).
+
+    Trials: `trial_config(cfg, params)` pretrained by `build_trainer` for `tune.epochs` epochs with
+    `epoch_end` scoring each epoch; ASHA (time unit: epochs, `metric`, mode max) stops the weak ones.
+    Storage `<ray.storage_path>/<name>/`: Tune's experiment (Tuner.restore resumes it), `trials/<id>/`
+    (each trial's TorchTrainer) and `pipeline.json` (the parent MLflow run, then the finished records:
+    a finished sweep is not rerun). `check_resources(cfg, ray.cluster_resources())` runs before any trial
+    and returns how many trials fit at once (Train gives up on workers that wait a minute for resources).
+    """
+    root = Path(root).resolve()
+    exp_dir = _abs(root, cfg.ray.storage_path) / name
+    trials_dir, state_file = exp_dir / "trials", exp_dir / STATE_FILE
+    state = _read_state(state_file)
+    parent = state.get("mlflow_run_id")
+    if parent and tracking.run_status(parent) is None:
+        parent, state = None, {}  # the MLflow store was reset
+    if state.get("status") == "finished":
+        print(f"sweep: {name} already finished; writing its outputs again")
+        return state["trials"], parent
+    init_ray(cfg.ray)
+    concurrent = check_resources(cfg, ray.cluster_resources())
+    t = cfg.tune
+    with tracking.pipeline_run(cfg, "sweep", run_id=parent, root=root) as run:
+        parent = run.info.run_id
+        tracking.set_tag("ray_sweep_name", name)
+        _write_state(state_file, {"mlflow_run_id": parent, "status": "running"})
+        trainable = tune.with_resources(
+            tune.with_parameters(_sweep_trial, cfg=cfg, root=str(root), trial_config=trial_config,
+                                 dataset_fn=dataset_fn, epoch_end=epoch_end, label=label, metric=metric,
+                                 parent_run_id=parent, trials_dir=str(trials_dir)),
+            driver_resources)
+        if tune.Tuner.can_restore(str(exp_dir)):
+            print(f"sweep: resuming {name} from {exp_dir}")
+            tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            asha = ASHAScheduler(time_attr="epoch", metric=metric, mode="max", max_t=t.epochs,
+                                 grace_period=t.asha_grace_epochs, reduction_factor=2)
+            tuner = tune.Tuner(
+                trainable, param_space=_param_space(cfg, space),
+                tune_config=tune.TuneConfig(scheduler=asha, num_samples=t.num_samples, search_alg=BasicVariantGenerator(
+                    random_state=cfg.pretrain.seed, max_concurrent=concurrent)),
+                run_config=tune.RunConfig(name=name, storage_path=str(exp_dir.parent),
+                                          failure_config=tune.FailureConfig(max_failures=0)))
+        results = tuner.fit()
+    trials = sorted((_trial_record(r, trials_dir, history_keys) for r in results), key=lambda r: r["trial_id"])
+    for rec in trials:  # a trial stopped by ASHA is ended before its child run closes
+        if rec["mlflow_run_id"] and tracking.run_status(rec["mlflow_run_id"]) == "RUNNING":
+            with tracking.pipeline_run(cfg, label(rec["params"]), run_id=rec["mlflow_run_id"], root=root):
+                tracking.set_tag("stopped_early", "true")
+    _write_state(state_file, {"mlflow_run_id": parent, "status": "finished", "trials": trials})
+    return trials, parent
