@@ -109,6 +109,27 @@ def _blank_axis(ax) -> None:
         s.set_visible(False)
 
 
+def _image_grid(rows: int, cols: int, *, top: float, bottom: float, label_w: float = 0.45,
+                extra_right: float = 0.0, min_w: float = 6.8, cell: float = 1.6, gap: float = 0.06,
+                row_gap: float = 0.06) -> tuple[Figure, np.ndarray]:
+    """A figure of rows x cols square image cells, laid out in inches (all arguments are inches).
+
+    The cells are centred and the figure is at least `min_w` wide, so that one or two columns still
+    leave room for the title and the legend; `label_w` is room for row labels on the left,
+    `extra_right` room for colour bars on the right.
+    """
+    grid_w = cols * cell + (cols - 1) * gap
+    grid_h = rows * cell + (rows - 1) * row_gap
+    fig_w = max(min_w, label_w + grid_w + extra_right + 0.1)
+    left = max(label_w, (fig_w - extra_right - grid_w) / 2)
+    fig_h = top + grid_h + bottom
+    fig = Figure(figsize=(fig_w, fig_h))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    fig.subplots_adjust(left=left / fig_w, right=(left + grid_w) / fig_w, top=1 - top / fig_h,
+                        bottom=bottom / fig_h, wspace=gap / cell, hspace=row_gap / cell)
+    return fig, axes
+
+
 # --------------------------------------------------------------------------------------------- masks
 
 
@@ -188,8 +209,7 @@ def mask_overlay_grid(images: Tensor | np.ndarray, masks_enc: Tensor, masks_pred
     if enc.ndim != 2 or pred.ndim != 3 or len(enc) != B or len(pred) != B:
         raise PipelineError(f"masks of shapes {tuple(enc.shape)} and {tuple(pred.shape)} for {B} images: "
                             "expected (B, Kc) and (B, M, Kt)")
-    fig = Figure(figsize=(1.7 * B + 0.4, 4.3))
-    axes = fig.subplots(2, B, squeeze=False)
+    fig, axes = _image_grid(2, B, top=0.5, bottom=0.6)
     for b in range(B):
         axes[0, b].imshow(imgs[b], interpolation="nearest")
         _blank_axis(axes[0, b])
@@ -198,7 +218,6 @@ def mask_overlay_grid(images: Tensor | np.ndarray, masks_enc: Tensor, masks_pred
     axes[1, 0].set_ylabel("masks", fontsize=9)
     _mask_legend(fig, pred.shape[1])
     fig.suptitle(title or f"I-JEPA masks on a {grid[0]}x{grid[1]} patch grid", fontsize=10)
-    fig.subplots_adjust(left=0.06, right=0.99, top=0.88, bottom=0.16, wspace=0.05, hspace=0.05)
     return _save(fig, path)
 
 
@@ -224,8 +243,7 @@ def mask_strategies_figure(cfg: MaskConfig, grid: tuple[int, int], path: str | P
     canvas[::ps, :] = canvas[:, ::ps] = 0.8  # faint patch lines
     plain = canvas[None].repeat(n, 0)
     S = len(MASK_STRATEGIES)
-    fig = Figure(figsize=(1.6 * n + 1.6, 1.7 * S + 0.9))
-    axes = fig.subplots(S, n, squeeze=False)
+    fig, axes = _image_grid(S, n, top=0.45, bottom=0.6, label_w=1.2)
     most_blocks = 1
     for i, strategy in enumerate(MASK_STRATEGIES):
         used, enc, pred = _feasible(replace(cfg, strategy=strategy), (gh, gw), n, seed)
@@ -236,7 +254,6 @@ def mask_strategies_figure(cfg: MaskConfig, grid: tuple[int, int], path: str | P
         axes[i, 0].set_ylabel(f"{strategy}\nM={pred.shape[1]}, Kc={enc.shape[1]}{note}", fontsize=8)
     _mask_legend(fig, most_blocks)
     fig.suptitle(f"Masking strategies on a {gh}x{gw} patch grid (seed {seed})", fontsize=10)
-    fig.subplots_adjust(left=0.17, right=0.99, top=0.93, bottom=0.11, wspace=0.06, hspace=0.08)
     return _save(fig, path)
 
 
@@ -356,8 +373,7 @@ def pca_feature_map(encoder: torch.nn.Module, images: Tensor, path: str | Path, 
     imgs = to_display(images)
     B = len(imgs)
     H, W = imgs.shape[1:3]
-    fig = Figure(figsize=(1.7 * B + 0.4, 4.0))
-    axes = fig.subplots(2, B, squeeze=False)
+    fig, axes = _image_grid(2, B, top=0.65, bottom=0.1)
     for b in range(B):
         axes[0, b].imshow(imgs[b], interpolation="nearest")
         axes[1, b].imshow(maps[b], interpolation="nearest", extent=(-0.5, W - 0.5, H - 0.5, -0.5))
@@ -369,7 +385,6 @@ def pca_feature_map(encoder: torch.nn.Module, images: Tensor, path: str | Path, 
     explained = ", ".join(f"{c}={100 * v:.0f}%" for c, v in zip(channels, var, strict=True))
     fig.suptitle(f"PCA of patch features ({grid[0]}x{grid[1]} patches, one PCA over all images)\n"
                  f"components -> {channels}; variance explained {explained}", fontsize=9)
-    fig.subplots_adjust(left=0.06, right=0.99, top=0.84, bottom=0.02, wspace=0.05, hspace=0.05)
     return _save(fig, path)
 
 
@@ -393,8 +408,7 @@ def depth_panel(images: Tensor | np.ndarray, pred: np.ndarray | Tensor, gt: np.n
     err = np.where(valid, np.abs(p - g), np.nan)
     emax = float(np.nanmax(err)) if valid.any() else 1.0
     B = len(imgs)
-    fig = Figure(figsize=(1.7 * B + 1.6, 7.0))
-    axes = fig.subplots(4, B, squeeze=False)
+    fig, axes = _image_grid(4, B, top=0.45, bottom=0.1, extra_right=1.0, row_gap=0.3, min_w=5.0)
     depth_kw = {"cmap": "viridis_r", "vmin": 0.0, "vmax": max_depth, "interpolation": "nearest"}
     for b in range(B):
         axes[0, b].imshow(imgs[b], interpolation="nearest")
@@ -408,10 +422,13 @@ def depth_panel(images: Tensor | np.ndarray, pred: np.ndarray | Tensor, gt: np.n
             axes[r, b].set_facecolor("0.6")
     for r, name in enumerate(("image", "ground truth", "prediction", "|error|")):
         axes[r, 0].set_ylabel(name, fontsize=9)
-    fig.subplots_adjust(left=0.07, right=0.86, top=0.93, bottom=0.02, wspace=0.05, hspace=0.18)
-    cax_d = fig.add_axes((0.88, 0.29, 0.02, 0.40))
+    # Colour bars beside the rows they explain: depth for gt + prediction, error for the last row.
+    right = axes[0, -1].get_position().x1 + 0.15 / fig.get_figwidth()
+    width = 0.12 / fig.get_figwidth()
+    gt_box, pred_box, err_box = (axes[r, -1].get_position() for r in (1, 2, 3))
+    cax_d = fig.add_axes((right, pred_box.y0, width, gt_box.y1 - pred_box.y0))
     fig.colorbar(im_d, cax=cax_d).set_label("depth (m)", fontsize=8)
-    cax_e = fig.add_axes((0.88, 0.03, 0.02, 0.19))
+    cax_e = fig.add_axes((right, err_box.y0, width, err_box.height))
     fig.colorbar(im_e, cax=cax_e).set_label("|error| (m)", fontsize=8)
     for cax in (cax_d, cax_e):
         cax.tick_params(labelsize=7)
