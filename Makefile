@@ -33,5 +33,5 @@ bench: $(STAMP)  ## each benchmark prints one JSON object
 	@set -e; for f in $$(ls benchmarks/*.py 2>/dev/null); do echo "# $$f" >&2; $(BIN)/python $$f; done
 
 ui: $(STAMP)  ## MLflow UI on the embedded store, loopback only: http://127.0.0.1:5000
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --workers 1 --backend-store-uri sqlite:///$(abspath mlflow.db) \
 	  --default-artifact-root $(abspath mlartifacts) --host 127.0.0.1 --port 5000
