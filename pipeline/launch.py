@@ -27,7 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import ray
+
+# Ray reads RAY_AUTH_MODE when it is imported, not at ray.init: a driver joining a cluster started by
+# `ray start` (token authentication on by default) needs it set first. Local Ray uses tokens anyway.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+import ray  # noqa: E402
 import ray.train
 import yaml
 from ray import tune
@@ -72,7 +76,6 @@ def init_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     if cfg.address:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # clusters started by `ray start` require a token
         try:
             ray.init(address=cfg.address, log_to_driver=True)
         except (ConnectionError, RuntimeError) as e:

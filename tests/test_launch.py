@@ -161,8 +161,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_cf
 
 
 @pytest.mark.slow
-def test_two_node_cluster_spreads_the_workers(tiny_cfg, tmp_path):
+def test_two_node_cluster_spreads_the_workers(tiny_cfg, tmp_path, monkeypatch):
     RAY.shutdown()
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # what launch.init_ray sets for a driver joining a cluster
     port = 26379
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     ray_bin = str(Path(sys.executable).with_name("ray"))
@@ -170,11 +171,14 @@ def test_two_node_cluster_spreads_the_workers(tiny_cfg, tmp_path):
                              "--include-dashboard=false", "--block"], env=env)
     nodes = [head]
     try:
-        time.sleep(15)
+        # The second node must start after the head is up: it reads the head's auth token at start.
+        up = lambda: subprocess.run([ray_bin, "status", f"--address=127.0.0.1:{port}"], env=env,  # noqa: E731
+                                    capture_output=True).returncode == 0
+        assert wait_for(up, timeout=180, every=3), "the head node did not come up"
         nodes.append(subprocess.Popen([ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
                                        "--block"], env=env))
         cfg = tiny(tiny_cfg, **{"ray.address": f"127.0.0.1:{port}"})
-        RAY.init(address=f"127.0.0.1:{port}")
+        launch.init_ray(cfg.ray)
         assert wait_for(lambda: sum(n["Alive"] for n in RAY.nodes()) == 2, timeout=120)
         # Two workers of one CPU each on two one-CPU nodes: one worker per node.
         metrics = launch.pretrain(cfg, tmp_path, dataset_fn=images())
