@@ -96,7 +96,7 @@ def topk_accuracy(logits: Tensor, y: Tensor, k: int) -> float:
     """logits (n, C), y (n,) -> % of items whose label is among the k highest logits (k capped at C)."""
     k = min(k, logits.shape[-1])
     hit = (logits.topk(k, dim=-1).indices == y[:, None]).any(-1)
-    return 100.0 * hit.float().mean().item()
+    return 100.0 * hit.double().mean().item()
 
 
 def _logits(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
