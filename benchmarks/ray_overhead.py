@@ -20,8 +20,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/ray_overhead.py` from the root
 
-import ray  # noqa: E402
-
 from pipeline import launch  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.train import RandomImages, load_checkpoint, set_threads, train_worker  # noqa: E402
@@ -66,7 +64,6 @@ def main() -> None:
     result = launch.build_trainer(cfg, data, "ray-overhead", tmp).fit()
     ray_wall = time.perf_counter() - t0
     history = load_checkpoint(result.checkpoint.path)["history"]
-    ray.shutdown()
 
     bare_ips, ray_ips = steady_images_per_s(bare, args.batch), steady_images_per_s(history, args.batch)
     overhead = 1 - ray_ips / bare_ips
@@ -78,7 +75,8 @@ def main() -> None:
         "bare_wall_s": round(bare_wall, 1), "ray_wall_s": round(ray_wall, 1), "ray_init_s": round(t_init, 1),
         "ray_startup_s": round(ray_wall - args.steps * args.batch / ray_ips, 1),
         "target_overhead": TARGET, "meets_target": overhead < TARGET,
-    }))
+    }), flush=True)
+    launch.shutdown_ray()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,8 +30,11 @@ from typing import Any
 import pandas as pd
 
 # Ray reads RAY_AUTH_MODE when it is imported, not at ray.init: a driver joining a cluster started by
-# `ray start` (token authentication on by default) needs it set first. Local Ray uses tokens anyway.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
+# `ray start` (token authentication on by default) needs it set first; local Ray uses tokens anyway.
+# Only when Ray is not imported yet: setting it afterwards would start a local Ray whose processes
+# expect a token that this process does not send.
+if "ray" not in sys.modules:
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
 import ray  # noqa: E402
 import ray.train
 import yaml
@@ -80,12 +84,17 @@ def init_ray(cfg: RayConfig) -> None:
             ray.init(address=cfg.address, log_to_driver=True)
         except (ConnectionError, RuntimeError) as e:
             raise PipelineError(f"ray.address = {cfg.address!r}: cannot join the Ray cluster "
-                                f"({str(e).splitlines()[0]}); start it or set ray.address: null") from None
+                                f"({str(e).splitlines()[0]}); start it (and export RAY_AUTH_MODE=token) or set "
+                                "ray.address: null") from None
         return
     # "local" explicitly: a plain ray.init() joins whatever /tmp/ray/ray_current_cluster names, even a dead one.
     # The dashboard is on (bound to 127.0.0.1): without it Ray Train's PlacementGroupCleaner warns every second.
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
              log_to_driver=True)
+
+
+def shutdown_ray() -> None:
+    ray.shutdown()
 
 
 def _reporter(stop_file: str | None) -> Callable[[dict[str, Any], Path | None], None]:
