@@ -159,8 +159,18 @@ class RunLogger:
         self.client, self.run_id = MlflowClient(uri), run_id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        """One batch; a store that stays busy (SQLite locked by the driver) loses these metrics with a
+        warning rather than killing the training worker."""
         ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        for attempt in range(3):
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+                return
+            except mlflow.exceptions.MlflowException as e:
+                if attempt == 2:
+                    print(f"warning: MLflow metrics of step {step} not logged ({str(e).splitlines()[0]})", flush=True)
+                time.sleep(0.5)
 
     def tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)

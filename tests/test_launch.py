@@ -192,3 +192,15 @@ def test_two_node_cluster_spreads_the_workers(tiny_cfg, tmp_path, monkeypatch):
                 p.wait(timeout=90)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def test_run_logger_writes_into_a_run_by_id(tiny_cfg, tmp_path):
+    cfg = tiny(tiny_cfg)
+    with tracking.pipeline_run(cfg, "pretrain", root=tmp_path) as run:
+        pass
+    logger = tracking.RunLogger(tracking.tracking_uri(cfg.mlflow, tmp_path), run.info.run_id)
+    logger.log({"loss": 0.5, "lr": 1e-3}, step=3)
+    logger.tag("collapse", "step 3")
+    got = mlflow.get_run(run.info.run_id)
+    assert got.data.metrics == {"loss": 0.5, "lr": 1e-3} and got.data.tags["collapse"] == "step 3"
+    assert [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")] == [3]

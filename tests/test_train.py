@@ -126,3 +126,24 @@ def test_batch_larger_than_dataset_is_one_line_error(cfg):
 def test_missing_checkpoint_file(tmp_path: Path):
     with pytest.raises(PipelineError, match="no such checkpoint"):
         load_checkpoint(tmp_path)
+
+
+class FakeTracker:
+    def __init__(self):
+        self.logged, self.tags = [], []
+
+    def log(self, metrics, step):
+        self.logged.append((step, dict(metrics)))
+
+    def tag(self, key, value):
+        self.tags.append((key, value))
+
+
+def test_tracker_gets_every_log_step_and_one_collapse_tag(cfg, capsys):
+    cfg = cfg.replace(**{"pretrain.collapse_rank_min": 1000.0, "pretrain.log_every": 2})  # rankme is always lower
+    tracker = FakeTracker()
+    train_worker(cfg, RandomImages(48, 32), Recorder(), tracker=tracker)
+    assert [s for s, _ in tracker.logged] == [2, 4, 6]
+    assert set(tracker.logged[0][1]) == set(CURVE_COLUMNS) - {"step"}
+    assert len(tracker.tags) == 1 and tracker.tags[0][0] == "collapse" and "step 2" in tracker.tags[0][1]
+    assert "representation collapse" in capsys.readouterr().out
