@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from evals import common
 from evals.features import extract
-from evals.probe import GridAdam, cosine, grid, head_device, split_train_val
+from evals.probe import GridAdam, cosine, grid, head_device, num_threads, split_train_val
 from pipeline.config import Config, DepthProbeConfig
 from pipeline.errors import PipelineError
 
@@ -186,7 +186,16 @@ def _token_standardizer(tokens: Tensor):
 
 def depth_probe(tok_train: Tensor, d_train: Tensor, tok_test: Tensor, d_test: Tensor, cfg: DepthProbeConfig,
                 grid_hw: tuple[int, int]) -> tuple[dict[str, float], Tensor]:
-    """Tokens (n, N, D), depths (n, S, S) -> (test metrics + chosen "lr", "weight_decay", test pred (n, S, S))."""
+    """Tokens (n, N, D), depths (n, S, S) -> (test metrics + chosen "lr", "weight_decay", test pred (n, S, S)).
+
+    One torch thread, as for the linear probe: on a busy 2-core box two threads were 1-13x slower here.
+    """
+    with num_threads(1):
+        return _depth_probe(tok_train, d_train, tok_test, d_test, cfg, grid_hw)
+
+
+def _depth_probe(tok_train: Tensor, d_train: Tensor, tok_test: Tensor, d_test: Tensor, cfg: DepthProbeConfig,
+                 grid_hw: tuple[int, int]) -> tuple[dict[str, float], Tensor]:
     points = grid(cfg.lrs, cfg.weight_decays)
     if len(points) == 1:
         lr, wd = points[0]
