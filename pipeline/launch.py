@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,13 @@ import ray  # noqa: E402
 import ray.train
 import yaml
 from ray import tune
+from ray._raylet import PlacementGroupID
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
+from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 from torch.utils.data import Dataset
 
 from pipeline import tracking
@@ -317,6 +320,41 @@ def _sweep_trial(params: dict[str, Any], *, cfg: Config, root: str, trial_config
                       max_epochs=cfg.tune.epochs, callbacks=[_EpochReports(metric)], epoch_end=epoch_end).fit()
 
 
+class _PlacementGroupReaper(tune.Callback):
+    """Removes the worker placement groups that finished trials leave behind.
+
+    Seen here (Ray 2.60, Train V2 inside Tune): after a trial's `fit()` returns, its workers' placement
+    group stays CREATED and keeps the trial's CPUs, so the next trial's workers never start (Train gives
+    up after a minute and retries for ever). Train's PlacementGroupCleaner, meant to remove it, dies when
+    several Ray instances run on the machine. Removed: groups made during the sweep whose bundles are a
+    trial worker's and whose resources have stayed all free (no worker on them) for `idle_s`.
+    """
+
+    def __init__(self, bundle: dict[str, float], idle_s: float = 5.0, every_s: float = 1.0):
+        self.want = {k: v for k, v in bundle.items() if v}
+        self.before = set(placement_group_table())
+        self.idle_s, self.every_s = idle_s, every_s
+        self.idle_since: dict[str, float] = {}
+        self.last = 0.0
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        free = ray.available_resources()
+        for pg_id, pg in placement_group_table().items():
+            bundles = [{k: v for k, v in b.items() if v} for b in pg["bundles"].values()]
+            if pg_id in self.before or pg["state"] != "CREATED" or any(b != self.want for b in bundles):
+                continue
+            idle = all(free.get(f"{k}_group_{pg_id}", 0.0) >= v * len(bundles) - 1e-9 for k, v in self.want.items())
+            if not idle:
+                self.idle_since.pop(pg_id, None)
+            elif now - self.idle_since.setdefault(pg_id, now) >= self.idle_s:
+                remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+                self.before.add(pg_id)
+
+
 def _param_space(cfg: Config, space: dict[str, list[Any]]) -> dict[str, Any]:
     pick = tune.grid_search if cfg.tune.search == "grid" else tune.choice
     return {k: pick(v) for k, v in space.items()}
@@ -373,6 +411,8 @@ def tune_sweep(cfg: Config, root: str | Path, name: str, *, space: dict[str, lis
                                  dataset_fn=dataset_fn, epoch_end=epoch_end, label=label, metric=metric,
                                  parent_run_id=parent, trials_dir=str(trials_dir)),
             driver_resources)
+        first = trial_config(cfg, {k: v[0] for k, v in space.items()})
+        reaper = _PlacementGroupReaper(dict(first.ray.resources_per_worker))
         if tune.Tuner.can_restore(str(exp_dir)):
             print(f"sweep: resuming {name} from {exp_dir}")
             tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
@@ -383,7 +423,7 @@ def tune_sweep(cfg: Config, root: str | Path, name: str, *, space: dict[str, lis
                 trainable, param_space=_param_space(cfg, space),
                 tune_config=tune.TuneConfig(scheduler=asha, num_samples=t.num_samples, search_alg=BasicVariantGenerator(
                     random_state=cfg.pretrain.seed, max_concurrent=concurrent)),
-                run_config=tune.RunConfig(name=name, storage_path=str(exp_dir.parent),
+                run_config=tune.RunConfig(name=name, storage_path=str(exp_dir.parent), callbacks=[reaper],
                                           failure_config=tune.FailureConfig(max_failures=0)))
         results = tuner.fit()
     trials = sorted((_trial_record(r, trials_dir, history_keys) for r in results), key=lambda r: r["trial_id"])
