@@ -1,0 +1,330 @@
+"""Masking ablations (the paper's Tables 6, 8-10) as one Ray Tune sweep: search space, per-epoch score, table.
+
+    run(cfg, root) -> summary       the sweep stage: validate, run (or resume) the trials, write the outputs
+
+Each trial is a short pretraining with the pretrain stage's own loop (`pipeline.launch.build_trainer`),
+its mask keys replaced by the trial's values (`trial_config`), for `tune.epochs` epochs. After every
+epoch rank 0 scores the target encoder (`ProbeScore`): a linear probe on the pooled features of the 1%
+train list, top-1 on val (`probe_top1`, what ASHA compares, higher is better) and RankMe of the val
+features (`val_rankme`, label-free). A sweep is named by the hash of the tune, training and 1%-probe
+sections (`sweep_name`); rerunning the stage resumes an interrupted sweep and only rewrites the outputs
+of a finished one.
+
+Resources. `tune.resources_per_trial` is what one trial's TorchTrainer workers hold together: each of the
+`ray.num_workers` workers asks for an equal share (on 2 cores the default {CPU: 1} over 2 workers gives
+{CPU: 0.5} each, the layout checked in ENV-NOTES; a worker then runs 1 torch thread). The trial's driver
+process only waits on its trainer and holds a token CPU_TRIAL_DRIVER. So `max_concurrent_trials` trials
+run at once as long as the cluster has their shares; a trial asking for more than the whole cluster is
+refused before any trial starts (`check_resources`).
+
+Outputs (relative to root): reports/sweep.csv, reports/sweep.md, reports/sweep.png (score vs target and
+context scale), reports/sweep_masks.png (the strategies), metrics/sweep.json (the best trial); all are
+logged to the sweep's parent MLflow run, each trial being a child run with its mask settings as params.
+Nothing here imports Ray (`pipeline.launch` does).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from torch import nn
+from torch.utils.data import Dataset
+
+from pipeline.config import Config, TuneConfig
+from pipeline.errors import PipelineError
+from pipeline.metrics import rankme
+
+SCORE = "probe_top1"  # ASHA's metric (mode max): 1% linear probe top-1 on val, in %
+AXES = ("strategy", "num_targets", "pred_scale", "enc_scale")  # the mask keys a trial sets
+HISTORY_KEYS = ("epoch", "step", "epoch_loss", "rankme", SCORE, "probe_top5", "val_rankme")  # per-epoch report
+SWEEP_SECTIONS = ("tune", "data", "mask", "model", "optim", "pretrain", "eval_semi")
+CPU_TRIAL_DRIVER = 0.01  # the trial's driver only waits on its TorchTrainer; Ray refuses {"CPU": 0}
+CSV, MARKDOWN, PLOT, MASKS = (Path("reports") / f for f in ("sweep.csv", "sweep.md", "sweep.png", "sweep_masks.png"))
+METRICS_JSON = Path("metrics/sweep.json")
+
+
+def sweep_name(cfg: Config) -> str:
+    """`sweep-<hash>`: the Ray storage folder a rerun resumes from."""
+    return f"sweep-{cfg.hash(*SWEEP_SECTIONS)}"
+
+
+# ------------------------------------------------------------------------------------------ the space
+
+
+def search_axes(tune: TuneConfig) -> dict[str, list[Any]]:
+    """The axes as plain lists (Tune grid_search / choice values): {"pred_scale": [[0.15, 0.2], ...], ...}."""
+    axes = {"strategy": list(tune.strategy), "num_targets": list(tune.num_targets),
+            "pred_scale": [list(p) for p in tune.pred_scale], "enc_scale": [list(p) for p in tune.enc_scale]}
+    for key, values in axes.items():  # TuneConfig checks this too; a space built by hand may not have been
+        if not values:
+            raise PipelineError(f"tune.{key} = [] is an empty search axis; expected at least one value")
+    return axes
+
+
+def num_trials(tune: TuneConfig) -> int:
+    """Grid: every combination, `num_samples` times each; random: `num_samples` draws."""
+    if tune.search == "random":
+        return tune.num_samples
+    return int(np.prod([len(v) for v in search_axes(tune).values()])) * tune.num_samples
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """One TorchTrainer worker's share of `tune.resources_per_trial`."""
+    n = cfg.ray.num_workers
+    return {k: v / n for k, v in cfg.tune.resources_per_trial.items() if v > 0}
+
+
+def check_resources(cfg: Config, cluster: dict[str, float]) -> int:
+    """How many trials run at once: `tune.max_concurrent_trials`, capped by what the cluster holds.
+
+    PipelineError (one line) when one trial asks for more of a resource than the whole cluster has.
+    """
+    need = dict(cfg.tune.resources_per_trial)
+    need["CPU"] = need.get("CPU", 0.0) + CPU_TRIAL_DRIVER
+    for key, amount in need.items():
+        have = float(cluster.get(key, 0.0))
+        if amount > have + 1e-9:
+            room = max(0.0, have - (CPU_TRIAL_DRIVER if key == "CPU" else 0.0))
+            raise PipelineError(f"tune.resources_per_trial.{key} = {cfg.tune.resources_per_trial.get(key, 0):g} "
+                                f"is more than the Ray cluster's {have:g} {key} (a trial's driver also holds "
+                                f"{CPU_TRIAL_DRIVER:g} CPU); ask for at most {room:g}")
+    fits = min(int(float(cluster.get(k, 0.0)) / v + 1e-9) for k, v in need.items() if v > 0)
+    return max(1, min(cfg.tune.max_concurrent_trials, fits))
+
+
+def trial_config(cfg: Config, params: dict[str, Any]) -> Config:
+    """The trial's Config: its mask keys, a `tune.epochs` schedule, and its share of the resources.
+
+    The whole LR / weight-decay / EMA schedule is squeezed into `tune.epochs` (a short run that ends its
+    cosine, as the paper's short ablations), not cut out of the pretrain stage's longer schedule.
+    """
+    over: dict[str, Any] = {f"mask.{k}": params[k] for k in AXES if k in params}
+    unknown = set(params) - set(AXES)
+    if unknown:
+        raise PipelineError(f"sweep trial params {sorted(unknown)} are not mask axes; expected keys of {list(AXES)}")
+    res = worker_resources(cfg)
+    over.update({"pretrain.epochs": cfg.tune.epochs, "ray.resources_per_worker": res,
+                 "ray.use_gpu": cfg.ray.use_gpu or res.get("GPU", 0) > 0})
+    return cfg.replace(**over)
+
+
+def trial_label(params: dict[str, Any]) -> str:
+    """A short run name: `multiblock M4 tgt 0.15-0.2 ctx 0.85-1`."""
+    p, c = params["pred_scale"], params["enc_scale"]
+    return f"{params['strategy']} M{params['num_targets']} tgt {p[0]:g}-{p[1]:g} ctx {c[0]:g}-{c[1]:g}"
+
+
+# ----------------------------------------------------------------------------------------- the score
+
+
+def probe_datasets(cfg: Config, root: str | Path) -> tuple[Dataset, Dataset]:
+    """(1% train list, val) of the ImageNet-format data, eval transform: the label-efficient probe's data."""
+    from pipeline.data import ImageNetFolder, dataset_paths, eval_transform  # lazy: torchvision
+
+    paths = dataset_paths(cfg.data, Path(root))
+    tf = eval_transform(cfg.data.image_size)
+    train = ImageNetFolder(paths.imagenet, "train", tf, subset_file=paths.imagenet_subset,
+                           on_corrupt=cfg.data.on_corrupt)
+    val = ImageNetFolder(paths.imagenet, "val", tf, on_corrupt=cfg.data.on_corrupt)
+    if val.classes != train.classes:
+        raise PipelineError(f"{paths.imagenet}: train and val class folders differ; expected the same wnids")
+    return train, val
+
+
+@dataclass
+class ProbeScore:
+    """`(model, epoch) -> {"probe_top1", "probe_top5", "val_rankme"}`: the trial's per-epoch score.
+
+    The target encoder's pooled last-layer features (D,) of the 1% train images train a linear probe
+    (`cfg.eval_semi`'s grid); top-1/top-5 on val in %. RankMe is the effective rank of the val features
+    (n_val, D). Picklable (it travels to the Ray worker); the datasets load there, once.
+    """
+
+    cfg: Config
+    data_fn: Callable[[], tuple[Dataset, Dataset]]
+    _data: tuple[Dataset, Dataset] | None = field(default=None, repr=False)
+
+    def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        from evals.features import extract  # lazy: the library's eval side, not needed to build a space
+        from evals.linear import num_classes
+        from evals.probe import linear_probe
+
+        if self._data is None:
+            self._data = self.data_fn()
+        train, val = self._data
+        encoder = model.target_encoder
+        bs = self.cfg.eval_semi.batch_size
+        ftr = extract(encoder, train, "pooled", batch_size=bs, desc=f"probe train (epoch {epoch})")
+        fva = extract(encoder, val, "pooled", batch_size=bs, desc=f"probe val (epoch {epoch})")
+        result = linear_probe(ftr["last"], ftr["y"], fva["last"], fva["y"], num_classes(train, ftr["y"]),
+                              self.cfg.eval_semi)
+        return {SCORE: result["top1"], "probe_top5": result["top5"], "val_rankme": rankme(fva["last"])}
+
+
+# ----------------------------------------------------------------------------------------- the table
+
+
+def results_table(trials: Sequence[dict[str, Any]], epochs: int) -> pd.DataFrame:
+    """One row per trial, best `probe_top1` (at its last epoch) first.
+
+    `trials`: [{"trial_id", "params": {AXES...}, "history": [{"epoch", "probe_top1", ...}], "error"?,
+    "mlflow_run_id"?}]. A trial that reported fewer than `epochs` epochs was stopped early (by ASHA, or it
+    failed: `error` says which).
+    """
+    rows = []
+    for t in trials:
+        p, hist = t["params"], [h for h in t.get("history", []) if SCORE in h]
+        last = hist[-1] if hist else {}
+        rows.append({
+            "trial": t["trial_id"], "strategy": p["strategy"], "num_targets": int(p["num_targets"]),
+            "pred_scale": _pair(p["pred_scale"]), "enc_scale": _pair(p["enc_scale"]),
+            SCORE: float(last.get(SCORE, np.nan)), "best_" + SCORE: max((h[SCORE] for h in hist), default=np.nan),
+            "probe_top5": float(last.get("probe_top5", np.nan)), "val_rankme": float(last.get("val_rankme", np.nan)),
+            "train_rankme": float(last.get("rankme", np.nan)), "epoch_loss": float(last.get("epoch_loss", np.nan)),
+            "epochs": int(last.get("epoch", 0)), "stopped_early": int(last.get("epoch", 0)) < epochs,
+            "error": t.get("error") or "", "mlflow_run_id": t.get("mlflow_run_id") or "",
+        })
+    df = pd.DataFrame(rows)
+    if df.empty:
+        raise PipelineError("the sweep produced no trials; expected at least one")
+    return df.sort_values([SCORE, "epochs", "trial"], ascending=[False, False, True], na_position="last",
+                          ignore_index=True)
+
+
+def _pair(v: Sequence[float]) -> str:
+    return f"({float(v[0]):g}, {float(v[1]):g})"
+
+
+def _pair_values(s: str) -> tuple[float, float]:
+    a, b = s.strip("()").split(",")
+    return float(a), float(b)
+
+
+def markdown(df: pd.DataFrame, title: str) -> str:
+    """The table as GitHub markdown, numbers to 4 significant digits."""
+    show = df.drop(columns=["mlflow_run_id"]).copy()
+    for c in show.columns:
+        if show[c].dtype.kind == "f":
+            show[c] = show[c].map(lambda v: "-" if v != v else f"{v:.4g}")
+    header = "| " + " | ".join(show.columns) + " |\n|" + "---|" * len(show.columns) + "\n"
+    body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in show.itertuples(index=False))
+    return f"# {title}\n\n{header}{body}"
+
+
+def _atomic(path: Path, write: Callable[[Path], Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def score_plot(df: pd.DataFrame, path: str | Path) -> Path:
+    """Two panels, probe top-1 vs target block scale and vs context block scale (range midpoints, one
+    colour per strategy, hollow markers for trials stopped early)."""
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2, sharey=True)
+    colours = dict(zip(sorted(df["strategy"].unique()), ["C0", "C3", "C2", "C1", "C4"], strict=False))
+    for ax, col, what in ((axes[0], "pred_scale", "target block scale"), (axes[1], "enc_scale", "context block scale")):
+        ranges = sorted(df[col].unique(), key=_pair_values)
+        for strategy, g in df.groupby("strategy"):
+            for stopped, marker in ((False, "o"), (True, "o")):
+                sub = g[g["stopped_early"] == stopped]
+                if sub.empty:
+                    continue
+                x = [np.mean(_pair_values(s)) for s in sub[col]]
+                ax.scatter(x, sub[SCORE], s=50, marker=marker, edgecolors=colours[strategy],
+                           facecolors="none" if stopped else colours[strategy],
+                           label=f"{strategy}{' (stopped early)' if stopped else ''}")
+        ax.set_xticks([np.mean(_pair_values(s)) for s in ranges], ranges, rotation=30, fontsize=8)
+        ax.set_xlabel(f"{what} range (at its midpoint)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("1% linear probe top-1 (%)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    axes[1].legend(unique.values(), unique.keys(), fontsize=8, loc="best")
+    fig.suptitle("I-JEPA masking sweep: label-efficient score per trial", fontsize=10)
+    fig.subplots_adjust(bottom=0.25, wspace=0.05)
+    return _atomic(Path(path), lambda p: fig.savefig(p, dpi=110))
+
+
+def best_trial(df: pd.DataFrame) -> dict[str, Any]:
+    """metrics/sweep.json's content: the top row and the sweep's size."""
+    top = df.iloc[0]
+    by_strategy = df.groupby("strategy")[SCORE].max()
+    return {"best": {k: (v.item() if hasattr(v, "item") else v) for k, v in top.items()},
+            "best_by_strategy": {k: float(v) for k, v in by_strategy.items()},
+            "trials": len(df), "stopped_early": int(df["stopped_early"].sum())}
+
+
+def write_outputs(cfg: Config, root: Path, trials: Sequence[dict[str, Any]], grid: tuple[int, int]) -> dict[str, Any]:
+    """CSV, markdown, score plot, mask strategies figure and metrics JSON under `root`; returns the paths
+    (key -> Path) and the best-trial summary."""
+    from pipeline.viz import mask_strategies_figure
+
+    df = results_table(trials, cfg.tune.epochs)
+    title = f"I-JEPA masking sweep ({len(df)} trials, {cfg.tune.epochs} epochs each, {cfg.model.name}/" \
+            f"{cfg.model.patch_size} at {cfg.data.image_size} px, search {cfg.tune.search})"
+    csv = _atomic(root / CSV, lambda p: df.to_csv(p, index=False))
+    md = _atomic(root / MARKDOWN, lambda p: p.write_text(markdown(df, title)))
+    png = score_plot(df, root / PLOT)
+    masks = mask_strategies_figure(cfg.mask, grid, root / MASKS)
+    summary = best_trial(df)
+    js = _atomic(root / METRICS_JSON, lambda p: p.write_text(json.dumps(summary, indent=2, default=str) + "\n"))
+    return {"table": df, "summary": summary, "files": [csv, md, png, masks, js]}
+
+
+# --------------------------------------------------------------------------------------------- stage
+
+
+def run(cfg: Config, root: str | Path | None = None, dataset_fn: Callable[[], Dataset] | None = None,
+        probe_data_fn: Callable[[], tuple[Dataset, Dataset]] | None = None) -> dict[str, Any]:
+    """The sweep stage: run or resume the trials on Ray, write and log the outputs; returns the summary.
+
+    `dataset_fn` (pretraining images) and `probe_data_fn` ((1% train, val)) default to the configured
+    data; tests pass tiny ones. Bad input (an empty axis, a resource the cluster lacks, missing data, an
+    unreachable MLflow) fails in one line before any trial starts.
+    """
+    from pipeline import launch, tracking  # lazy: Ray and MLflow only for a real run
+    from pipeline.train import pretrain_dataset
+
+    root = Path(root or Path.cwd()).resolve()
+    search_axes(cfg.tune)
+    if cfg.tune.asha_grace_epochs > cfg.tune.epochs:
+        raise PipelineError(f"tune.asha_grace_epochs = {cfg.tune.asha_grace_epochs} is more than tune.epochs = "
+                            f"{cfg.tune.epochs}; expected at most the per-trial budget")
+    trial_config(cfg, {k: v[0] for k, v in search_axes(cfg.tune).items()})  # a bad combination fails here
+    tracking.connect(cfg.mlflow, root)
+    dataset_fn = dataset_fn or functools.partial(pretrain_dataset, cfg, str(root))
+    probe_data_fn = probe_data_fn or functools.partial(probe_datasets, cfg, str(root))
+    dataset_fn()  # missing data: one line here, not inside a Ray worker
+    probe_data_fn()
+    trials, parent_run_id = launch.tune_sweep(
+        cfg, root, sweep_name(cfg), space=search_axes(cfg.tune), trial_config=trial_config, dataset_fn=dataset_fn,
+        epoch_end=ProbeScore(cfg, probe_data_fn), check_resources=check_resources, label=trial_label,
+        metric=SCORE, driver_resources={"CPU": CPU_TRIAL_DRIVER}, history_keys=HISTORY_KEYS)
+    grid = (cfg.data.image_size // cfg.model.patch_size,) * 2
+    out = write_outputs(cfg, root, trials, grid)
+    with tracking.pipeline_run(cfg, "sweep", run_id=parent_run_id, root=root):
+        summary = out["summary"]
+        tracking.log_metrics({"best_" + SCORE: summary["best"][SCORE], "trials": summary["trials"],
+                              "stopped_early": summary["stopped_early"]})
+        for f in out["files"]:
+            tracking.log_artifact(f)
+    print(markdown(out["table"], "sweep"))
+    return {**summary, "mlflow_run_id": parent_run_id, "sweep_name": sweep_name(cfg)}

@@ -1,0 +1,276 @@
+"""The masking sweep (pipeline.sweep + launch.tune_sweep): search space, trial configs, per-epoch probe score,
+result table and outputs, one-line rejections before any trial; slow: a 2-trial sweep end to end on Ray with
+MLflow parent/child runs, a finished sweep read back, and resume after the driver was killed."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from pipeline import sweep
+from pipeline.config import ConfigError, from_dict
+from pipeline.errors import PipelineError
+from pipeline.train import RandomImages, train_worker
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(cfg, **over):
+    return cfg.replace(**{"data.num_workers": 0, "mlflow.system_metrics": False, "eval_semi.epochs": 5,
+                          "tune.pred_scale": [[0.15, 0.2], [0.075, 0.2]], "tune.epochs": 2, **over})
+
+
+def labelled(n_train=16, n_val=16, size=32, classes=4, seed=0):
+    """(train, val) TensorDatasets whose classes differ in mean colour: a probe can learn them."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n):
+        y = torch.arange(n) % classes
+        x = torch.randn(n, 3, size, size, generator=g) * 0.5 + (y.float() / classes)[:, None, None, None]
+        return TensorDataset(x, y)
+
+    return make(n_train), make(n_val)
+
+
+# ------------------------------------------------------------------------------------- space and trials
+
+
+def test_grid_and_random_trial_counts(tiny_cfg):
+    cfg = tiny(tiny_cfg, **{"tune.strategy": ["multiblock", "random"], "tune.num_samples": 2})
+    assert sweep.search_axes(cfg.tune)["pred_scale"] == [[0.15, 0.2], [0.075, 0.2]]
+    assert sweep.num_trials(cfg.tune) == 2 * 2 * 2  # pred_scale x strategy x repeats
+    assert sweep.num_trials(cfg.replace(**{"tune.search": "random", "tune.num_samples": 3}).tune) == 3
+
+
+def test_trial_config_sets_mask_budget_and_worker_share(tiny_cfg):
+    cfg = tiny(tiny_cfg, **{"ray.num_workers": 2, "tune.resources_per_trial": {"CPU": 1}, "tune.epochs": 3})
+    params = {"strategy": "random", "num_targets": 2, "pred_scale": [0.1, 0.2], "enc_scale": [0.65, 1.0]}
+    t = sweep.trial_config(cfg, params)
+    assert (t.mask.strategy, t.mask.num_targets, t.mask.pred_scale, t.mask.enc_scale) == \
+        ("random", 2, (0.1, 0.2), (0.65, 1.0))
+    assert t.mask.pred_aspect == cfg.mask.pred_aspect  # keys outside the space stay
+    assert t.pretrain.epochs == 3 and t.ray.resources_per_worker == {"CPU": 0.5} and not t.ray.use_gpu
+    gpu = sweep.trial_config(cfg.replace(**{"tune.resources_per_trial": {"CPU": 2, "GPU": 1}}), params)
+    assert gpu.ray.resources_per_worker == {"CPU": 1.0, "GPU": 0.5} and gpu.ray.use_gpu
+    assert sweep.trial_label(params) == "random M2 tgt 0.1-0.2 ctx 0.65-1"
+    with pytest.raises(PipelineError, match="seed"):
+        sweep.trial_config(cfg, {**params, "seed": 1})
+
+
+def test_sweep_name_follows_tune_and_training_sections(tiny_cfg):
+    cfg = tiny(tiny_cfg)
+    name = sweep.sweep_name(cfg)
+    assert sweep.sweep_name(cfg.replace(**{"mlflow.experiment": "x", "ray.address": "h:1"})) == name
+    assert sweep.sweep_name(cfg.replace(**{"tune.epochs": 3})) != name
+    assert sweep.sweep_name(cfg.replace(**{"optim.lr": 0.002})) != name
+
+
+@pytest.mark.parametrize("tune, where", [
+    ({"pred_scale": []}, "tune.pred_scale"),
+    ({"strategy": []}, "tune.strategy"),
+    ({"enc_scale": [[0.9, 0.4]]}, "tune.enc_scale[0]"),  # min > max
+    ({"pred_scale": [[0.1, 1.5]]}, "tune.pred_scale[0]"),  # outside (0, 1]
+    ({"pred_scale": [[0.0, 0.2]]}, "tune.pred_scale[0]"),
+])
+def test_bad_space_is_one_line_naming_the_key(tune, where):
+    with pytest.raises(ConfigError) as e:
+        from_dict({"preset": "demo", "tune": tune})
+    assert where in str(e.value) and "\n" not in str(e.value)
+
+
+def test_too_many_cpus_per_trial_is_one_line_and_concurrency_fits_the_cluster(tiny_cfg):
+    cfg = tiny(tiny_cfg, **{"tune.resources_per_trial": {"CPU": 4}})
+    with pytest.raises(PipelineError) as e:
+        sweep.check_resources(cfg, {"CPU": 2.0})
+    assert "tune.resources_per_trial.CPU = 4" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(PipelineError, match="GPU"):
+        sweep.check_resources(cfg.replace(**{"tune.resources_per_trial": {"CPU": 1, "GPU": 1}}), {"CPU": 2.0})
+    ok = cfg.replace(**{"tune.resources_per_trial": {"CPU": 1}, "tune.max_concurrent_trials": 4})
+    assert sweep.check_resources(ok, {"CPU": 2.0}) == 1  # 2 x (1 + driver) does not fit in 2 CPUs
+    assert sweep.check_resources(ok, {"CPU": 8.0}) == 4
+    assert sweep.check_resources(ok.replace(**{"tune.max_concurrent_trials": 2}), {"CPU": 64.0}) == 2
+
+
+def test_grace_longer_than_budget_fails_before_anything(tiny_cfg, tmp_path):
+    cfg = tiny(tiny_cfg, **{"tune.asha_grace_epochs": 3})
+    with pytest.raises(PipelineError, match="asha_grace_epochs = 3"):
+        sweep.run(cfg, tmp_path, dataset_fn=functools.partial(RandomImages, 32, 32), probe_data_fn=labelled)
+    assert not (tmp_path / "reports").exists()
+
+
+# ------------------------------------------------------------------------------------------- the score
+
+
+def test_probe_score_joins_epoch_reports_without_changing_training(tiny_cfg):
+    cfg = tiny(tiny_cfg)
+    data = RandomImages(32, 32)  # 2 steps per epoch
+
+    def run(epoch_end):
+        reports = []
+        train_worker(cfg, data, lambda m, d: reports.append(dict(m)), max_epochs=2, epoch_end=epoch_end)
+        return [r for r in reports if "epoch" in r]
+
+    plain = run(None)
+    scored = run(sweep.ProbeScore(cfg, labelled))
+    assert [r["epoch"] for r in scored] == [1, 2]
+    for r in scored:
+        assert 0 <= r[sweep.SCORE] <= 100 and 0 <= r["probe_top5"] <= 100 and r["val_rankme"] >= 1
+    # The probe runs on a forked RNG and reads the target encoder only: training is unchanged.
+    assert [r["epoch_loss"] for r in scored] == [r["epoch_loss"] for r in plain]
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
+def record(tid, strategy, pred, scores, stopped_at=None, error=None):
+    hist = [{"epoch": e + 1, sweep.SCORE: s, "probe_top5": 90.0, "val_rankme": 5.0, "rankme": 4.0,
+             "epoch_loss": 0.3} for e, s in enumerate(scores[:stopped_at])]
+    return {"trial_id": tid, "params": {"strategy": strategy, "num_targets": 4, "pred_scale": pred,
+                                        "enc_scale": [0.85, 1.0]}, "history": hist, "error": error,
+            "mlflow_run_id": f"run{tid}"}
+
+
+def test_table_sorted_one_row_per_trial_with_early_stops(tiny_cfg, tmp_path):
+    trials = [record("a", "multiblock", [0.15, 0.2], [20.0, 30.0]),
+              record("b", "random", [0.15, 0.2], [25.0, 0.0], stopped_at=1),
+              record("c", "multiblock", [0.075, 0.2], [40.0, 35.0]),
+              record("d", "random", [0.075, 0.2], [], error="RuntimeError: boom")]
+    df = sweep.results_table(trials, epochs=2)
+    assert df["trial"].tolist() == ["c", "a", "b", "d"]  # last-epoch score, failed (NaN) last
+    c = df.iloc[0]
+    assert (c[sweep.SCORE], c["best_" + sweep.SCORE], c["epochs"], c["pred_scale"]) == (35.0, 40.0, 2, "(0.075, 0.2)")
+    assert df.set_index("trial")["stopped_early"].to_dict() == {"c": False, "a": False, "b": True, "d": True}
+    assert df.set_index("trial").loc["d", "error"] == "RuntimeError: boom"
+
+    cfg = tiny(tiny_cfg)
+    out = sweep.write_outputs(cfg, tmp_path, trials, (4, 4))
+    for rel in (sweep.CSV, sweep.MARKDOWN, sweep.PLOT, sweep.MASKS, sweep.METRICS_JSON):
+        assert (tmp_path / rel).is_file() and (tmp_path / rel).stat().st_size > 0, rel
+    back = pd.read_csv(tmp_path / sweep.CSV)
+    assert back["trial"].tolist() == ["c", "a", "b", "d"]
+    md = (tmp_path / sweep.MARKDOWN).read_text().splitlines()
+    assert md[2].startswith("| trial | strategy |") and len([ln for ln in md if ln.startswith("| ")]) == 5
+    best = json.loads((tmp_path / sweep.METRICS_JSON).read_text())
+    assert best["best"]["trial"] == "c" and best["best_by_strategy"] == {"multiblock": 35.0, "random": 25.0}
+    assert best["trials"] == 4 and best["stopped_early"] == 2
+    assert out["summary"] == best
+
+
+def test_empty_sweep_is_one_line():
+    with pytest.raises(PipelineError, match="no trials"):
+        sweep.results_table([], epochs=2)
+
+
+# ------------------------------------------------------------------------------------ on Ray (slow)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A tiny export of the synthetic scenes in the ImageNet format (96 train, 32 val, 8-image 1% list)."""
+    from pipeline.config import load_config
+    from pipeline.data import export_synthetic
+
+    root = tmp_path_factory.mktemp("sweep_data")
+    cfg = load_config(ROOT / "params.yaml").replace(**{
+        "data.image_size": 32, "data.synthetic.train_scenes": 96, "data.synthetic.val_scenes": 32,
+        "data.synthetic.processes": 1})
+    export_synthetic(cfg.data, root, progress=False)
+    return root
+
+
+def on_ray(tiny_cfg, data_root, **over):
+    """One worker of 1 CPU per trial, 6 steps an epoch, a checkpoint every 3 steps."""
+    return tiny(tiny_cfg, **{"data.root": str(data_root), "data.synthetic.train_scenes": 96,
+                             "ray.num_workers": 1, "pretrain.checkpoint_every": 3, **over})
+
+
+def mlflow_runs(cfg):
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    return mlflow.search_runs(experiment_names=[cfg.mlflow.experiment], output_format="list")
+
+
+@pytest.mark.slow
+def test_two_trial_sweep_end_to_end_then_read_back(tiny_cfg, tiny_data, tmp_path):
+    import ray
+
+    cfg = on_ray(tiny_cfg, tiny_data)
+    try:
+        summary = sweep.run(cfg, tmp_path)
+    finally:
+        ray.shutdown()
+    df = pd.read_csv(tmp_path / sweep.CSV)
+    assert len(df) == 2 and sorted(df["pred_scale"]) == ["(0.075, 0.2)", "(0.15, 0.2)"]
+    assert set(df["strategy"]) == {"multiblock"} and set(df["enc_scale"]) == {"(0.85, 1)"}
+    assert (df["epochs"] == 2).all() or df["stopped_early"].any()
+    runs = mlflow_runs(cfg)
+    parent = [r for r in runs if r.info.run_id == summary["mlflow_run_id"]]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["mlflow_run_id"]]
+    assert len(parent) == 1 and len(children) == 2
+    assert {c.data.params["mask.pred_scale"] for c in children} == {"[0.15, 0.2]", "[0.075, 0.2]"}
+    assert all(c.info.status == "FINISHED" for c in children)
+    import mlflow
+
+    for c in children:  # curves: the training loss per step and the probe score per epoch
+        assert len(mlflow.MlflowClient().get_metric_history(c.info.run_id, sweep.SCORE)) >= 1
+        assert len(mlflow.MlflowClient().get_metric_history(c.info.run_id, "loss")) >= 6
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(summary["mlflow_run_id"])}
+    assert {"sweep.csv", "sweep.md", "sweep.png", "sweep_masks.png", "sweep.json"} <= artifacts
+
+    # Finished: the same params only rewrite the outputs (no Ray, the same parent run).
+    (tmp_path / sweep.CSV).unlink()
+    again = sweep.run(cfg, tmp_path)
+    assert again["mlflow_run_id"] == summary["mlflow_run_id"] and not ray.is_initialized()
+    assert pd.read_csv(tmp_path / sweep.CSV)["trial"].tolist() == df["trial"].tolist()
+    assert len(mlflow_runs(cfg)) == 3
+
+
+SCRIPT = """
+import functools, sys
+from pipeline.config import load_config
+from pipeline import sweep
+cfg = load_config(sys.argv[1])
+sweep.run(cfg, sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_cfg, tiny_data, tmp_path):
+    import yaml
+
+    cfg = on_ray(tiny_cfg, tiny_data)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=list))))
+    exp = Path(cfg.ray.storage_path) / sweep.sweep_name(cfg)
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(params), str(tmp_path)], cwd=ROOT,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while time.time() - t0 < 400:  # kill the whole driver once the first trial has finished
+        done = [p for p in exp.glob("*/result.json") if '"done": true' in p.read_text()]
+        if done or proc.poll() is not None:
+            break
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = {p.parent.name for p in exp.glob("*/result.json") if '"done": true' in p.read_text()}
+    assert first, "no trial finished before the kill"
+    import ray
+
+    try:
+        sweep.run(cfg, tmp_path)
+    finally:
+        ray.shutdown()
+    df = pd.read_csv(tmp_path / sweep.CSV)
+    assert len(df) == 2
+    children = [r for r in mlflow_runs(cfg) if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2  # the finished trial was not run again, the other reopened its run
