@@ -53,6 +53,14 @@ def checkpoints(cfg):
     return sorted(Path(cfg.ray.storage_path, launch.run_name(cfg)).glob("checkpoint_*"))
 
 
+def registered_checkpoints(cfg):
+    f = Path(cfg.ray.storage_path, launch.run_name(cfg), "checkpoint_manager_snapshot.json")
+    try:
+        return json.loads(f.read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
 def worker_pid(cfg, rank):
     """The PID of this run's worker `rank`, as the worker wrote it (never a process of another Ray)."""
     f = Path(cfg.ray.storage_path, launch.run_name(cfg), launch.PID_DIR, f"rank-{rank}.pid")
@@ -90,8 +98,9 @@ def run_killing_worker_1(cfg, root, kill):
     killed = []
 
     def kill_one_worker():
-        # The second checkpoint folder: the first one is registered with Ray by then.
-        if wait_for(lambda: len(checkpoints(cfg)) >= 2 and worker_pid(cfg, 1)):
+        # Ray restores the latest checkpoint its controller has registered (in its snapshot file), which
+        # can lag behind the folders on disk on a busy machine: kill only once one is registered.
+        if wait_for(lambda: registered_checkpoints(cfg) and worker_pid(cfg, 1)):
             pid = worker_pid(cfg, 1)
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
