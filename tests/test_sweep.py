@@ -112,7 +112,7 @@ def test_grace_longer_than_budget_fails_before_anything(tiny_cfg, tmp_path):
 
 def test_probe_score_joins_epoch_reports_without_changing_training(tiny_cfg):
     cfg = tiny(tiny_cfg)
-    data = RandomImages(32, 32)  # 2 steps per epoch
+    data = RandomImages(16, 32)  # 1 step per epoch
 
     def run(epoch_end):
         reports = []
