@@ -26,6 +26,7 @@ from pipeline.errors import PipelineError
 
 # name -> (embed_dim, depth, num_heads, mlp_ratio); the I-JEPA repo's vision_transformer.py values.
 ENCODER_PRESETS: dict[str, tuple[int, int, int, float]] = {
+    "vit_micro": (128, 6, 4, 4.0),  # not in the paper: a CPU demo size (about 1/5 of ViT-Tiny's FLOPs)
     "vit_tiny": (192, 12, 3, 4.0),
     "vit_small": (384, 12, 6, 4.0),
     "vit_base": (768, 12, 12, 4.0),
@@ -247,9 +248,13 @@ class ProbeConfig:
     weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3)
     val_fraction: float = 0.1
     seed: int = 0
+    max_train: int | None = None  # a seeded subset of at most this many train images; null: all
+    max_test: int | None = None  # the same for the test split
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _check(self.max_train is None or self.max_train >= 2, "max_train", self.max_train, "null or an integer >= 2")
+        _check(self.max_test is None or self.max_test >= 1, "max_test", self.max_test, "null or an integer >= 1")
         _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
         _check(len(self.lrs) >= 1 and all(v > 0 for v in self.lrs), "lrs", list(self.lrs),
                "a non-empty list of numbers > 0")
@@ -367,10 +372,11 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     # The I-JEPA ViT-H/14 setting of the paper (ImageNet-1k, 300 epochs, batch 2048).
     "paper": {},
-    # A CPU demo: ViT-Tiny/8 on 64 px scenes, pretrains in minutes on 2 cores.
+    # A CPU demo: ViT-Micro/8 on 64 px scenes; the whole `dvc repro` in minutes on 2 cores.
     "demo": {
         "data.image_size": 64,
-        "model.name": "vit_tiny",
+        "data.num_workers": 0,  # 1 CPU per Ray worker: a loader process would compete for it
+        "model.name": "vit_micro",
         "model.patch_size": 8,
         "model.pred_depth": 4,
         "model.pred_emb_dim": 96,
@@ -380,8 +386,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pretrain.checkpoint_every": 50,
         "pretrain.log_every": 5,
         "eval_linear.epochs": 60,
+        "eval_linear.max_train": 1200,
         "eval_semi.epochs": 60,
         "eval_clevr.epochs": 60,
+        "eval_clevr.max_train": 1200,
+        "eval_depth.max_train": 800,
+        "eval_depth.max_test": 400,
         "eval_depth.epochs": 30,
     },
 }

@@ -19,7 +19,7 @@ def committed() -> dict:
 def test_committed_params_load():
     cfg = load_config(ROOT / "params.yaml")
     assert cfg.preset == "demo"
-    assert cfg.model.name == "vit_tiny" and cfg.data.image_size == 64
+    assert cfg.model.name == "vit_micro" and cfg.data.image_size == 64
     assert cfg.mask.pred_scale == (0.15, 0.2) and cfg.mask.num_targets == 4
     assert isinstance(cfg.ray.resources_per_worker["CPU"], float)
 

@@ -80,7 +80,7 @@ def test_every_stage_end_to_end(cfg, shared_data, tmp_path):
 
 def test_architecture_mismatch_names_both_and_writes_nothing(cfg, tmp_path):
     bad = cfg.replace(**{"model.patch_size": 16})
-    with pytest.raises(PipelineError, match="vit_tiny/8 at 32 px.*model.patch_size=16"):
+    with pytest.raises(PipelineError, match="vit_micro/8 at 32 px.*model.patch_size=16"):
         linear.run(bad, tmp_path)
     assert not (tmp_path / "metrics").exists()
 

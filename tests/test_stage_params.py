@@ -19,7 +19,7 @@ def test_writes_resolved_config(tmp_path):
     proc = run(tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = json.loads((tmp_path / "reports/params.resolved.json").read_text())
-    assert out["config"]["model"]["name"] == "vit_tiny"  # filled in by the demo preset
+    assert out["config"]["model"]["name"] == "vit_micro"  # filled in by the demo preset
     assert out["config"]["data"]["image_size"] == 64
 
 
