@@ -6,7 +6,7 @@ BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install repro test test-all lint bench ui
+.PHONY: install repro sweep test test-all lint bench ui
 
 install: $(STAMP)
 
@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-repro: $(STAMP)  ## the full pipeline on the embedded default: prepare -> pretrain -> evals -> report
-	$(BIN)/dvc repro
+repro: $(STAMP)  ## the demo pipeline on the embedded default: prepare -> pretrain -> evals -> pictures, report
+	$(BIN)/dvc repro report pictures
+
+sweep: $(STAMP)  ## the masking ablations on Ray Tune (tune: section of params.yaml)
+	$(BIN)/dvc repro sweep
 
 test: $(STAMP)  ## the default test suite (exit 5, "no tests collected", counts as a failure)
 	$(BIN)/python -m pytest; rc=$$?; \
