@@ -15,6 +15,7 @@ from torch import Tensor
 
 from pipeline.config import ENCODER_PRESETS, ModelConfig
 from pipeline.errors import PipelineError
+from pipeline.masks import apply_masks
 
 
 def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
@@ -34,11 +35,6 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int | None = None) -> Ten
     ww, hh = np.meshgrid(gw, gh)  # official: meshgrid(grid_w, grid_h), first half from w
     emb = np.concatenate([_sincos_1d(dim // 2, ww), _sincos_1d(dim // 2, hh)], axis=1)
     return torch.from_numpy(emb).float()
-
-
-def _gather(x: Tensor, idx: Tensor) -> Tensor:
-    """x (B, N, D), idx (B, K) -> (B, K, D)."""
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1)))
 
 
 class Encoder(VisionTransformer):
@@ -62,7 +58,7 @@ class Encoder(VisionTransformer):
     def _tokens(self, x: Tensor, keep_idx: Tensor | None) -> Tensor:
         x = self.patch_embed(x) + self.pos_embed
         if keep_idx is not None:
-            x = _gather(x, keep_idx)
+            x = apply_masks(x, keep_idx)
         return x
 
     def forward(self, x: Tensor, keep_idx: Tensor | None = None) -> Tensor:  # type: ignore[override]

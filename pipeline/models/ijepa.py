@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import Config
+from pipeline.masks import apply_masks
 from pipeline.models.encoder import Encoder, build_encoder
 from pipeline.models.predictor import Predictor, build_predictor
 from pipeline.schedules import ema_update
@@ -55,8 +56,7 @@ class IJEPA(nn.Module):
         h = self.target_encoder(images)
         h = F.layer_norm(h, (h.size(-1),))
         B, M, Kt = masks_pred.shape
-        idx = masks_pred.reshape(B, M * Kt, 1).expand(-1, -1, h.size(-1))
-        return torch.gather(h, 1, idx).reshape(B, M, Kt, h.size(-1)), h
+        return apply_masks(h, masks_pred.reshape(B, M * Kt)).reshape(B, M, Kt, h.size(-1)), h
 
     def forward(self, images: Tensor, masks_enc: Tensor, masks_pred: Tensor) -> IJEPAOutput:
         """images (B, 3, H, W); masks_enc (B, Kc); masks_pred (B, M, Kt) -> loss and collapse statistics."""

@@ -8,11 +8,8 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from pipeline.config import ENCODER_PRESETS, ModelConfig
+from pipeline.masks import apply_masks
 from pipeline.models.encoder import sincos_pos_embed_2d
-
-
-def _gather(x: Tensor, idx: Tensor) -> Tensor:
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.size(-1)))
 
 
 class Predictor(nn.Module):
@@ -56,10 +53,10 @@ class Predictor(nn.Module):
         B, Kc, _ = ctx.shape
         _, M, Kt = masks_pred.shape
         pos = self.predictor_pos_embed.expand(B, -1, -1)
-        x = self.predictor_embed(ctx) + _gather(pos, masks_enc)  # (B, Kc, d)
+        x = self.predictor_embed(ctx) + apply_masks(pos, masks_enc)  # (B, Kc, d)
         d = x.size(-1)
         x = x.unsqueeze(1).expand(B, M, Kc, d).reshape(B * M, Kc, d)
-        tgt_pos = _gather(pos, masks_pred.reshape(B, M * Kt)).reshape(B * M, Kt, d)
+        tgt_pos = apply_masks(pos, masks_pred.reshape(B, M * Kt)).reshape(B * M, Kt, d)
         tgt = self.mask_token.to(x.dtype) + tgt_pos
         x = torch.cat([x, tgt], dim=1)
         for blk in self.predictor_blocks:
