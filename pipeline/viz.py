@@ -28,11 +28,10 @@ from matplotlib.patches import Patch
 from torch import Tensor
 
 from pipeline.config import MASK_STRATEGIES, MaskConfig
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import PipelineError
 from pipeline.masks import MaskCollator
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DPI = 110
 CONTEXT_COLOR = to_rgb("#1f77b4")  # blue
 # One colour per target block; none of them close to the context blue. Cycled when M > 8.
