@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 METRICS_DIR = "metrics"
 CACHE_DIR = Path(".cache") / "features"
-RUN_ID_FILE = "run_id.txt"
 HPARAM_KEYS = ("lr", "weight_decay")
 ENCODERS = ("ijepa", "random")  # the pretrained target encoder and its random-init twin
 
@@ -86,7 +85,7 @@ def prepare(cfg: Config, root: str | Path | None = None) -> EvalContext:
     if not enc_dir.is_dir():
         raise PipelineError(f"{enc_dir}: no saved encoder; run the pretrain stage first (dvc repro pretrain)")
     check_architecture(encoder_meta(enc_dir), cfg, str(enc_dir))
-    run_id = tracking.read_run_id(out_dir / RUN_ID_FILE)
+    run_id = tracking.read_run_id(out_dir / tracking.RUN_ID_FILE)
     dev = device()
     encoders = {"ijepa": load_encoder(enc_dir).to(dev), "random": random_encoder(cfg).to(dev)}
     return EvalContext(root, encoders, run_id, root / CACHE_DIR, dev)

@@ -112,7 +112,7 @@ def run(cfg: Config, root: str | Path | None = None) -> pd.DataFrame:
     from pipeline import tracking  # slow to import; the table functions above do not need it
 
     root = Path.cwd() if root is None else Path(root)
-    run_id = tracking.read_run_id(root / cfg.pretrain.out_dir / common.RUN_ID_FILE)
+    run_id = tracking.read_run_id(root / cfg.pretrain.out_dir / tracking.RUN_ID_FILE)
     table = build_table(read_metrics(root))
     files = write_report(table, root / REPORT_DIR)
     tracking.connect(cfg.mlflow, root)

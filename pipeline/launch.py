@@ -232,7 +232,7 @@ def _write_outputs(cfg: Config, root: Path, out_dir: Path, checkpoint_dir: Path,
     encoder_dir = save_encoder(model.target_encoder, cfg.model, cfg.data.image_size, out_dir / "encoder",
                                extra={"params_hash": cfg.hash(*RUN_SECTIONS), "step": state["step"],
                                       "mlflow_run_id": run_id})
-    tracking.write_run_id(run_id, out_dir / "run_id.txt")
+    tracking.write_run_id(run_id, out_dir / tracking.RUN_ID_FILE)
 
     history = pd.DataFrame(state["history"], columns=list(CURVE_COLUMNS))
     last = history.iloc[-1] if len(history) else None

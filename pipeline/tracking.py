@@ -24,6 +24,8 @@ from pipeline.errors import PipelineError
 
 MAX_PARAM_CHARS = 500  # MLflow's limit on a param value (6000 on new servers; 500 is safe everywhere)
 
+RUN_ID_FILE = "run_id.txt"  # in pretrain.out_dir, beside encoder/: the run the evaluations log into
+
 
 def tracking_uri(cfg: MlflowConfig, root: Path | None = None) -> str:
     """`cfg.tracking_uri`, or `sqlite:///<root>/mlflow.db` (absolute) for the embedded store."""
