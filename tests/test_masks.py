@@ -198,3 +198,16 @@ def test_apply_masks_and_call():
     assert imgs.shape == (6, 3, 4, 4) and labels.tolist() == list(range(6))
     e2, p2 = col.sample(6, 7)
     assert torch.equal(enc, e2) and torch.equal(pred, p2)
+
+
+def test_random_subset_is_uniform_over_valid_columns():
+    """Each valid column is kept with probability k / n_valid; invalid columns never (packed-key sort)."""
+    from pipeline.masks import _random_subset
+
+    valid = np.zeros((20000, 40), bool)
+    valid[:, 3:33:3] = True  # 10 valid columns per row, spread over the row
+    idx = _random_subset(np.random.default_rng(0), valid, 3)
+    assert idx.shape == (20000, 3) and (np.diff(idx.astype(np.int64), axis=1) > 0).all()
+    freq = np.bincount(idx.ravel().astype(np.int64), minlength=40) / 20000
+    assert freq[~valid[0]].sum() == 0
+    assert np.abs(freq[valid[0]] - 0.3).max() < 0.015  # 4.6 sigma of a binomial(20000, 0.3) share
