@@ -388,9 +388,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pretrain.batch_size": 64,
         "pretrain.checkpoint_every": 50,
         "pretrain.log_every": 5,
-        "eval_linear.epochs": 60,  # linear and CLEVR probes use every train image (2,400): a cap adds noise
+        "eval_linear.epochs": 60,  # every train image (2,400); the 1% probe reuses their cached features
         "eval_semi.epochs": 60,
         "eval_clevr.epochs": 60,
+        "eval_clevr.max_train": 1200,  # all 2,400: 93 s instead of 42 s (the encoder passes dominate)
         "eval_depth.max_train": 800,
         "eval_depth.max_test": 400,
         "eval_depth.epochs": 30,
