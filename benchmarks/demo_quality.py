@@ -1,0 +1,129 @@
+"""Does a short I-JEPA pretraining beat random init on the embedded scenes? One process, no Ray, no MLflow.
+
+    python benchmarks/demo_quality.py --steps 222 --set optim.ema=[0.98,1.0]
+
+Renders the scenes once (cached as .npz under .cache/), pretrains with `pipeline.step.train_step` on
+the demo preset (plus any `--set key=value` overrides, values in YAML), then fits a logistic-regression
+probe (standardised features, L2, C=0.1) on mean-pooled features of the TARGET encoder, the CONTEXT
+encoder and a random-init twin, for both views (last layer, last 4 layers), on two labels: the shape
+class (8) and the object count (3..10). Prints one JSON object. Probing the context encoder too tells
+whether a gap comes from the EMA lag of the target or from what was learnt.
+
+A diagnostic for tuning the demo preset, a single seed: differences of ~2 points are within the noise of
+800 validation scenes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/demo_quality.py` from the root
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data.scenes import render_many  # noqa: E402
+from pipeline.data.transforms import CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from pipeline.masks import MaskCollator  # noqa: E402
+from pipeline.models import build_encoder, build_ijepa  # noqa: E402
+from pipeline.schedules import Schedules  # noqa: E402
+from pipeline.step import build_optimizer, train_step  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VAL_OFFSET = 1_000_000  # validation scene indices start here: disjoint from the training scenes
+
+
+def scenes(seed: int, n_train: int, n_val: int, size: int, processes: int) -> dict[str, np.ndarray]:
+    """Images (n, S, S, 3) uint8, shape labels and counts for train and val, cached on disk."""
+    path = ROOT / ".cache" / f"demo_quality_{seed}_{n_train}_{n_val}_{size}.npz"
+    if not path.is_file():
+        tr = render_many(seed, range(n_train), size, processes=processes)
+        va = render_many(seed, range(VAL_OFFSET, VAL_OFFSET + n_val), size, processes=processes)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, xtr=np.stack([s.image for s in tr]), xva=np.stack([s.image for s in va]),
+                 ytr=[s.label for s in tr], yva=[s.label for s in va],
+                 ctr=[s.count for s in tr], cva=[s.count for s in va])
+    return dict(np.load(path))
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(n, S, S, 3) uint8 -> (n, 3, S, S) float, ImageNet-normalised."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+@torch.no_grad()
+def pooled(encoder: torch.nn.Module, x: torch.Tensor, view: str) -> np.ndarray:
+    """Mean-pooled features (n, D) of the last layer, or (n, 4D) of the last 4 layers."""
+    encoder.eval()
+    out = []
+    for i in range(0, len(x), 200):
+        layers = encoder.forward_layers(x[i:i + 200], 4)
+        out.append(torch.cat([t.mean(1) for t in layers], 1) if view == "last4" else layers[-1].mean(1))
+    return torch.cat(out).numpy()
+
+
+def probe(encoder: torch.nn.Module, xtr: torch.Tensor, xva: torch.Tensor, d: dict) -> dict[str, float]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    out = {}
+    for view in ("last", "last4"):
+        a, b = pooled(encoder, xtr, view), pooled(encoder, xva, view)
+        for task, ya, yb in (("shape", d["ytr"], d["yva"]), ("count", d["ctr"], d["cva"])):
+            clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1)).fit(a, ya)
+            out[f"{task}.{view}"] = round(100 * clf.score(b, yb), 2)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=222, help="pretraining steps (rounded to whole epochs)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a params override")
+    ap.add_argument("--train", type=int, default=2400)
+    ap.add_argument("--val", type=int, default=800)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    over = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    cfg = load_config(ROOT / "params.yaml").replace(**over)
+    S, B = cfg.data.image_size, cfg.pretrain.batch_size
+    d = scenes(cfg.data.synthetic.seed, args.train, args.val, S, cfg.data.synthetic.processes)
+    xtr, xva = to_tensor(d["xtr"]), to_tensor(d["xva"])
+
+    import torchvision.transforms.v2 as T
+
+    aug = T.Compose([T.RandomResizedCrop(S, scale=CROP_SCALE, antialias=True), T.RandomHorizontalFlip()])
+    torch.manual_seed(cfg.pretrain.seed)
+    model = build_ijepa(cfg)
+    collator = MaskCollator(cfg.mask, model.encoder.grid_size, seed=cfg.pretrain.seed)
+    steps_per_epoch = len(xtr) // B
+    sched = Schedules(cfg.optim, steps_per_epoch, max(1, round(args.steps / steps_per_epoch)))
+    opt = build_optimizer(model, cfg.optim)
+    model.train()
+    t0, losses = time.perf_counter(), []
+    for step in range(sched.total_steps):
+        idx = torch.randint(0, len(xtr), (B,))
+        masks_enc, masks_pred = collator.sample(B, step)
+        out = train_step(model, opt, sched, step, torch.stack([aug(xtr[i]) for i in idx]), masks_enc, masks_pred)
+        losses.append(out.loss.item())
+    wall = time.perf_counter() - t0
+    torch.manual_seed(cfg.pretrain.seed + 1)
+    result = {
+        "overrides": over, "steps": sched.total_steps, "train_s": round(wall, 1),
+        "images_per_s": round(sched.total_steps * B / wall, 1), "final_loss": round(float(np.mean(losses[-10:])), 4),
+        "target": probe(model.target_encoder, xtr, xva, d), "context": probe(model.encoder, xtr, xva, d),
+        "random": probe(build_encoder(cfg.model, S), xtr, xva, d),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
