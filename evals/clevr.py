@@ -44,13 +44,12 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
     ctx = common.prepare(cfg, root)
     clevr = dataset_paths(cfg.data, ctx.root).clevr
     tf = eval_transform(cfg.data.image_size)
-    max_train, max_test = common.caps(cfg.eval_clevr)
     tasks = {}
     for task in TASKS:  # same seed and length: both tasks keep the same images, so they share features
         train = ClevrDataset(clevr, "train", task, tf)
         val = ClevrDataset(clevr, "val", task, tf, thresholds=train.thresholds)
-        tasks[task] = (common.limit(train, max_train, cfg.eval_clevr.seed),
-                       common.limit(val, max_test, cfg.eval_clevr.seed))
+        tasks[task] = (common.limit(train, cfg.eval_clevr.max_train, cfg.eval_clevr.seed),
+                       common.limit(val, cfg.eval_clevr.max_test, cfg.eval_clevr.seed))
     results = {name: evaluate_clevr(enc, tasks, cfg.eval_clevr, cache_dir=ctx.cache_dir,
                                     num_workers=cfg.data.num_workers)
                for name, enc in ctx.encoders.items()}

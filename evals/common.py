@@ -99,11 +99,6 @@ def limit(ds: Dataset, cap: int | None, seed: int) -> Dataset:
     return Subset(ds, idx.tolist())
 
 
-def caps(section: Any) -> tuple[int | None, int | None]:
-    """(max_train, max_test) of an eval section; None (no cap) where params.yaml has no such key."""
-    return getattr(section, "max_train", None), getattr(section, "max_test", None)
-
-
 def split_hparams(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """{"last": {"top1", "lr", ...}} -> (figures, chosen hyper-parameters), both nested alike."""
     figures, chosen = {}, {}

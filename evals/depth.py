@@ -192,11 +192,6 @@ def depth_probe(tok_train: Tensor, d_train: Tensor, tok_test: Tensor, d_test: Te
     matmuls and softmaxes over millions of logits, which two threads run 1.65x faster than one on an idle
     2-core box (the demo's 800 images, 4 heads, 30 epochs: 45 s vs 75 s per encoder at 256 bins).
     """
-    return _depth_probe(tok_train, d_train, tok_test, d_test, cfg, grid_hw)
-
-
-def _depth_probe(tok_train: Tensor, d_train: Tensor, tok_test: Tensor, d_test: Tensor, cfg: DepthProbeConfig,
-                 grid_hw: tuple[int, int]) -> tuple[dict[str, float], Tensor]:
     points = grid(cfg.lrs, cfg.weight_decays)
     if len(points) == 1:
         lr, wd = points[0]
@@ -256,9 +251,9 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
 
     ctx = common.prepare(cfg, root)
     nyu = dataset_paths(cfg.data, ctx.root).nyu
-    max_train, max_test = common.caps(cfg.eval_depth)
-    train = common.limit(NyuDepth(nyu, "train", cfg.data.image_size), max_train, cfg.eval_depth.seed)
-    test = common.limit(NyuDepth(nyu, "test", cfg.data.image_size), max_test, cfg.eval_depth.seed)
+    d = cfg.eval_depth
+    train = common.limit(NyuDepth(nyu, "train", cfg.data.image_size), d.max_train, d.seed)
+    test = common.limit(NyuDepth(nyu, "test", cfg.data.image_size), d.max_test, d.seed)
     results, panels = {}, []
     for name, enc in ctx.encoders.items():
         panel = ctx.root / "reports" / f"depth_{name}.png"

@@ -32,13 +32,15 @@ def evaluate_linear(encoder: nn.Module, train: Dataset, val: Dataset, cfg: Probe
     return {v: linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], c, cfg) for v in VIEWS}
 
 
-def imagenet_splits(cfg: Config, root: Path):
-    """(train, val) ImageNetFolders with the eval transform; PipelineError when the class lists differ."""
+def imagenet_splits(cfg: Config, root: Path, subset: bool = False):
+    """(train, val) ImageNetFolders with the eval transform (train: only the 1% list's images when `subset`);
+    PipelineError when the class lists differ."""
     from pipeline.data import ImageNetFolder, dataset_paths, eval_transform
 
     paths = dataset_paths(cfg.data, root)
     tf = eval_transform(cfg.data.image_size)
-    train = ImageNetFolder(paths.imagenet, "train", tf, on_corrupt=cfg.data.on_corrupt)
+    train = ImageNetFolder(paths.imagenet, "train", tf, subset_file=paths.imagenet_subset if subset else None,
+                           on_corrupt=cfg.data.on_corrupt)
     val = ImageNetFolder(paths.imagenet, "val", tf, on_corrupt=cfg.data.on_corrupt)
     if val.classes != train.classes:
         missing = sorted(set(train.classes) ^ set(val.classes))[:3]
@@ -51,9 +53,8 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
     """The eval_linear stage: both encoders, metrics/eval_linear.json, an MLflow child run."""
     ctx = common.prepare(cfg, root)
     train, val = imagenet_splits(cfg, ctx.root)
-    max_train, max_test = common.caps(cfg.eval_linear)
-    train = common.limit(train, max_train, cfg.eval_linear.seed)
-    val = common.limit(val, max_test, cfg.eval_linear.seed)
+    train = common.limit(train, cfg.eval_linear.max_train, cfg.eval_linear.seed)
+    val = common.limit(val, cfg.eval_linear.max_test, cfg.eval_linear.seed)
     results = {name: evaluate_linear(enc, train, val, cfg.eval_linear, cache_dir=ctx.cache_dir,
                                      num_workers=cfg.data.num_workers)
                for name, enc in ctx.encoders.items()}

@@ -59,7 +59,7 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
 
     ctx = common.prepare(cfg, root)
     train, val = imagenet_splits(cfg, ctx.root)
-    val = common.limit(val, common.caps(cfg.eval_semi)[1], cfg.eval_semi.seed)
+    val = common.limit(val, cfg.eval_semi.max_test, cfg.eval_semi.seed)
     subset_file = dataset_paths(cfg.data, ctx.root).imagenet_subset
     subset = subset_indices(train, ImageNetFolder(train.root, "train", subset_file=subset_file))
     results = {name: evaluate_semi(enc, train, val, subset, cfg.eval_semi, cache_dir=ctx.cache_dir,

@@ -129,16 +129,9 @@ def trial_label(params: dict[str, Any]) -> str:
 
 def probe_datasets(cfg: Config, root: str | Path) -> tuple[Dataset, Dataset]:
     """(1% train list, val) of the ImageNet-format data, eval transform: the label-efficient probe's data."""
-    from pipeline.data import ImageNetFolder, dataset_paths, eval_transform  # lazy: torchvision
+    from evals.linear import imagenet_splits  # lazy: torchvision
 
-    paths = dataset_paths(cfg.data, Path(root))
-    tf = eval_transform(cfg.data.image_size)
-    train = ImageNetFolder(paths.imagenet, "train", tf, subset_file=paths.imagenet_subset,
-                           on_corrupt=cfg.data.on_corrupt)
-    val = ImageNetFolder(paths.imagenet, "val", tf, on_corrupt=cfg.data.on_corrupt)
-    if val.classes != train.classes:
-        raise PipelineError(f"{paths.imagenet}: train and val class folders differ; expected the same wnids")
-    return train, val
+    return imagenet_splits(cfg, Path(root), subset=True)
 
 
 @dataclass
@@ -246,12 +239,12 @@ def score_plot(df: pd.DataFrame, path: str | Path) -> Path:
     for ax, col, what in ((axes[0], "pred_scale", "target block scale"), (axes[1], "enc_scale", "context block scale")):
         ranges = sorted(df[col].unique(), key=_pair_values)
         for strategy, g in df.groupby("strategy"):
-            for stopped, marker in ((False, "o"), (True, "o")):
+            for stopped in (False, True):
                 sub = g[g["stopped_early"] == stopped]
                 if sub.empty:
                     continue
                 x = [np.mean(_pair_values(s)) for s in sub[col]]
-                ax.scatter(x, sub[SCORE], s=50, marker=marker, edgecolors=colours[strategy],
+                ax.scatter(x, sub[SCORE], s=50, marker="o", edgecolors=colours[strategy],
                            facecolors="none" if stopped else colours[strategy],
                            label=f"{strategy}{' (stopped early)' if stopped else ''}")
         ax.set_xticks([np.mean(_pair_values(s)) for s in ranges], ranges, rotation=30, fontsize=8)

@@ -172,7 +172,8 @@ class RunLogger:
             except mlflow.exceptions.MlflowException as e:
                 if attempt == 2:
                     print(f"warning: MLflow metrics of step {step} not logged ({str(e).splitlines()[0]})", flush=True)
-                time.sleep(0.5)
+                else:
+                    time.sleep(0.5)
 
     def tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
