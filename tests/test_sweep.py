@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny(cfg, **over):
     return cfg.replace(**{"data.num_workers": 0, "mlflow.system_metrics": False, "eval_semi.epochs": 5,
-                          "tune.pred_scale": [[0.15, 0.2], [0.075, 0.2]], "tune.epochs": 2, **over})
+                          "tune.pred_scale": [[0.15, 0.2], [0.075, 0.2]], "tune.strategy": ["multiblock"],
+                          "tune.epochs": 2, **over})  # 2 trials whatever params.yaml's tune section holds
 
 
 def labelled(n_train=16, n_val=16, size=32, classes=4, seed=0):
