@@ -417,8 +417,12 @@ def tune_sweep(cfg: Config, root: str | Path, name: str, *, space: dict[str, lis
             print(f"sweep: resuming {name} from {exp_dir}")
             tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
         else:
+            # stop_last_trials=False: a trial that reaches its budget ends on its own. With True, ASHA
+            # stops it on its last report while its TrainController is still wrapping up; Tune then
+            # removes the trial's placement group, the controller dies inside `fit()`, and the child
+            # run ends FAILED although every epoch was reported.
             asha = ASHAScheduler(time_attr="epoch", metric=metric, mode="max", max_t=t.epochs,
-                                 grace_period=t.asha_grace_epochs, reduction_factor=2)
+                                 grace_period=t.asha_grace_epochs, reduction_factor=2, stop_last_trials=False)
             tuner = tune.Tuner(
                 trainable, param_space=_param_space(cfg, space),
                 tune_config=tune.TuneConfig(scheduler=asha, num_samples=t.num_samples, search_alg=BasicVariantGenerator(
@@ -427,9 +431,15 @@ def tune_sweep(cfg: Config, root: str | Path, name: str, *, space: dict[str, lis
                                           failure_config=tune.FailureConfig(max_failures=0)))
         results = tuner.fit()
     trials = sorted((_trial_record(r, trials_dir, history_keys) for r in results), key=lambda r: r["trial_id"])
-    for rec in trials:  # a trial stopped by ASHA is ended before its child run closes
-        if rec["mlflow_run_id"] and tracking.run_status(rec["mlflow_run_id"]) == "RUNNING":
+    for rec in trials:
+        # A trial that Tune stopped (ASHA, or a rung at the last epoch) is torn down inside `fit()`: its
+        # child run is left RUNNING (process killed) or FAILED (the controller died under it). Tune saw
+        # no error, and every epoch it reported is in the record, so the run is closed as FINISHED here.
+        status = tracking.run_status(rec["mlflow_run_id"]) if rec["mlflow_run_id"] else None
+        if rec["error"] is None and status in ("RUNNING", "FAILED", "KILLED"):
             with tracking.pipeline_run(cfg, label(rec["params"]), run_id=rec["mlflow_run_id"], root=root):
-                tracking.set_tag("stopped_early", "true")
+                epochs = max((h.get("epoch", 0) for h in rec["history"]), default=0)
+                tracking.set_tag("stopped_early", str(epochs < t.epochs).lower())
+                tracking.set_tag("closed_after_tune_stop", status)
     _write_state(state_file, {"mlflow_run_id": parent, "status": "finished", "trials": trials})
     return trials, parent
