@@ -290,7 +290,11 @@ class _EpochReports(TuneReportCallback):
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if metrics and self.metric in metrics[0]:
-            super().after_report(run_context, metrics, None)  # the trainer keeps its own checkpoints
+            # Without the loop's `done` flag: Tune reads `done: True` as "trial over" and tears the trial
+            # down at once, while its TrainController is still wrapping up (the child run was then left
+            # RUNNING, or FAILED when the controller died under `fit()`). The trial ends when fit() returns.
+            rank0 = {k: v for k, v in metrics[0].items() if k != "done"}
+            super().after_report(run_context, [rank0, *metrics[1:]], None)  # the trainer keeps its checkpoints
 
 
 def _sweep_trial(params: dict[str, Any], *, cfg: Config, root: str, trial_config: Callable[[Config, dict], Config],
@@ -432,14 +436,14 @@ def tune_sweep(cfg: Config, root: str | Path, name: str, *, space: dict[str, lis
         results = tuner.fit()
     trials = sorted((_trial_record(r, trials_dir, history_keys) for r in results), key=lambda r: r["trial_id"])
     for rec in trials:
-        # A trial that Tune stopped (ASHA, or a rung at the last epoch) is torn down inside `fit()`: its
-        # child run is left RUNNING (process killed) or FAILED (the controller died under it). Tune saw
-        # no error, and every epoch it reported is in the record, so the run is closed as FINISHED here.
+        # A trial that ASHA stopped is torn down inside `fit()`: its child run is left RUNNING (process
+        # killed) or FAILED (its controller died under it). Tune saw no error and every epoch it reported
+        # is in the record, so the run is closed as FINISHED here, tagged stopped_early.
         status = tracking.run_status(rec["mlflow_run_id"]) if rec["mlflow_run_id"] else None
         if rec["error"] is None and status in ("RUNNING", "FAILED", "KILLED"):
             with tracking.pipeline_run(cfg, label(rec["params"]), run_id=rec["mlflow_run_id"], root=root):
                 epochs = max((h.get("epoch", 0) for h in rec["history"]), default=0)
                 tracking.set_tag("stopped_early", str(epochs < t.epochs).lower())
-                tracking.set_tag("closed_after_tune_stop", status)
+                tracking.set_tag("status_when_sweep_ended", status)
     _write_state(state_file, {"mlflow_run_id": parent, "status": "finished", "trials": trials})
     return trials, parent

@@ -98,10 +98,13 @@ def pipeline_run(cfg: Config, run_name: str, run_id: str | None = None, root: Pa
 
 @contextmanager
 def child_run(parent_run_id: str, run_name: str, params: dict[str, Any] | None = None):
-    """A nested run under `parent_run_id` (an evaluation inside the pretraining run)."""
+    """A nested run under `parent_run_id` (an evaluation inside the pretraining run, a sweep trial).
+
+    The parent is only named, never reopened: a parent still running in another process (the sweep's
+    driver) keeps its status.
+    """
     exp_id = mlflow.get_run(parent_run_id).info.experiment_id
-    with mlflow.start_run(run_id=parent_run_id, experiment_id=exp_id), \
-            mlflow.start_run(run_name=run_name, nested=True, experiment_id=exp_id) as run:
+    with mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, experiment_id=exp_id) as run:
         if params:
             mlflow.log_params({k: str(v)[:MAX_PARAM_CHARS] for k, v in params.items()})
         yield run

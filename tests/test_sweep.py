@@ -256,15 +256,18 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_cfg, tiny_d
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(params), str(tmp_path)], cwd=ROOT,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.time()
-    while time.time() - t0 < 400:  # kill the whole driver once the first trial has finished
-        done = [p for p in exp.glob("*/result.json") if '"done": true' in p.read_text()]
-        if done or proc.poll() is not None:
+    # One trial at a time: once the second trial's folder appears, the first has ended. Kill the whole
+    # driver then (a trial that reached its budget ends on its own; Tune marks no result `done`).
+    while time.time() - t0 < 400 and proc.poll() is None:
+        if len(list(exp.glob("_sweep_trial_*"))) >= 2:
             break
         time.sleep(1)
+    assert proc.poll() is None, "the sweep ended before the kill"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    first = {p.parent.name for p in exp.glob("*/result.json") if '"done": true' in p.read_text()}
-    assert first, "no trial finished before the kill"
+    first = [p for p in exp.glob("_sweep_trial_*/result.json") if '"epoch": 2' in p.read_text()]
+    assert len(first) == 1, "no trial finished its 2 epochs before the kill"
+    reports_before = first[0].read_text()
     import ray
 
     try:
@@ -275,3 +278,4 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_cfg, tiny_d
     assert len(df) == 2
     children = [r for r in mlflow_runs(cfg) if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == 2  # the finished trial was not run again, the other reopened its run
+    assert first[0].read_text() == reports_before  # no epoch of the finished trial reported again

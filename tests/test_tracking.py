@@ -31,6 +31,20 @@ def test_run_with_params_tags_metrics_and_child(tiny_cfg, tmp_path):
     assert got.info.status == "FINISHED"
 
 
+def test_child_run_leaves_a_running_parent_running(tiny_cfg, tmp_path):
+    """A sweep trial opens its child run while the sweep's driver still holds the parent open."""
+    cfg = tiny_cfg.replace(**{"mlflow.system_metrics": False})
+    tracking.connect(cfg.mlflow, tmp_path)
+    exp = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+    parent = mlflow.MlflowClient().create_run(exp.experiment_id, run_name="sweep").info.run_id  # RUNNING
+    with tracking.child_run(parent, "trial", {"mask.strategy": "random"}) as child:
+        tracking.log_metrics({"probe_top1": 20.0}, step=1)
+    assert mlflow.get_run(parent).info.status == "RUNNING"
+    got = mlflow.get_run(child.info.run_id)
+    assert got.info.status == "FINISHED" and got.data.tags["mlflow.parentRunId"] == parent
+    assert got.data.params["mask.strategy"] == "random" and mlflow.active_run() is None
+
+
 def test_default_store_is_sqlite_in_root(demo_cfg, tmp_path):
     assert tracking.tracking_uri(demo_cfg.mlflow, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
 
