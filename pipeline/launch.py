@@ -421,10 +421,10 @@ def tune_sweep(cfg: Config, root: str | Path, name: str, *, space: dict[str, lis
             print(f"sweep: resuming {name} from {exp_dir}")
             tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
         else:
-            # stop_last_trials=False: a trial that reaches its budget ends on its own. With True, ASHA
-            # stops it on its last report while its TrainController is still wrapping up; Tune then
-            # removes the trial's placement group, the controller dies inside `fit()`, and the child
-            # run ends FAILED although every epoch was reported.
+            # stop_last_trials=False: ASHA does not stop a trial for reaching max_t; it ends on its own.
+            # With True it is stopped on its last report while its TrainController is still wrapping up:
+            # Tune removes the trial's placement group and the controller dies inside `fit()`. (A trial
+            # below the cutoff of a rung at max_t is still stopped there; the loop below closes its run.)
             asha = ASHAScheduler(time_attr="epoch", metric=metric, mode="max", max_t=t.epochs,
                                  grace_period=t.asha_grace_epochs, reduction_factor=2, stop_last_trials=False)
             tuner = tune.Tuner(
