@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/count_cues.py` from the root
 
-from benchmarks.demo_quality import VAL_OFFSET, pooled, to_tensor  # noqa: E402
+from benchmarks.demo_quality import VAL_OFFSET, grey, pooled, to_tensor  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.scenes import COLORS, render_many  # noqa: E402
 from pipeline.models import build_encoder  # noqa: E402
@@ -73,12 +73,6 @@ def main() -> None:
         fb = pooled(encoder, to_tensor(convert(xb)), "last")
         out[name] = count_probe(fa, ya, fb, yb)
     print(json.dumps({"count_top1": out, "chance": 12.5, "train": args.train, "val": args.val}))
-
-
-def grey(images: np.ndarray) -> np.ndarray:
-    """(n, S, S, 3) uint8 -> the same shape, every channel the luma (ITU-R 601)."""
-    y = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    return np.repeat(np.clip(y + 0.5, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
 
 
 if __name__ == "__main__":

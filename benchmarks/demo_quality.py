@@ -58,6 +58,12 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
+def grey(images: np.ndarray) -> np.ndarray:
+    """(n, S, S, 3) uint8 -> the same shape, every channel the luma (ITU-R 601): the colour cue removed."""
+    y = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.repeat(np.clip(y + 0.5, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
 @torch.no_grad()
 def pooled(encoder: torch.nn.Module, x: torch.Tensor, view: str) -> np.ndarray:
     """Mean-pooled features (n, D) of the last layer, or (n, 4D) of the last 4 layers."""
@@ -90,6 +96,9 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=2400)
     ap.add_argument("--val", type=int, default=800)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--grey", action="store_true",
+                    help="also probe the count on grey-level images (target and random encoders), where the "
+                         "colour-diversity cue of benchmarks/count_cues.py is gone")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     over = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -116,12 +125,17 @@ def main() -> None:
         losses.append(out.loss.item())
     wall = time.perf_counter() - t0
     torch.manual_seed(cfg.pretrain.seed + 1)
+    random_encoder = build_encoder(cfg.model, S)
     result = {
         "overrides": over, "steps": sched.total_steps, "train_s": round(wall, 1),
         "images_per_s": round(sched.total_steps * B / wall, 1), "final_loss": round(float(np.mean(losses[-10:])), 4),
         "target": probe(model.target_encoder, xtr, xva, d), "context": probe(model.encoder, xtr, xva, d),
-        "random": probe(build_encoder(cfg.model, S), xtr, xva, d),
+        "random": probe(random_encoder, xtr, xva, d),
     }
+    if args.grey:
+        gtr, gva = to_tensor(grey(d["xtr"])), to_tensor(grey(d["xva"]))
+        result["grey"] = {"target": probe(model.target_encoder, gtr, gva, d),
+                          "random": probe(random_encoder, gtr, gva, d)}
     print(json.dumps(result))
 
 
