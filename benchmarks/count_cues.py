@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/count_cues.py` from the root
 
-from benchmarks.demo_quality import VAL_OFFSET, grey, pooled, to_tensor  # noqa: E402
+from benchmarks.demo_quality import VAL_OFFSET, grey, logistic_top1, pooled, to_tensor  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.scenes import COLORS, render_many  # noqa: E402
 from pipeline.models import build_encoder  # noqa: E402
@@ -40,15 +40,6 @@ def colour_features(objects: list[dict]) -> np.ndarray:
     """(9,): presence of each of the 8 object colours, then the number of distinct colours."""
     present = np.array([any(o["color"] == c for o in objects) for c in COLORS], dtype=float)
     return np.append(present, present.sum())
-
-
-def count_probe(a: np.ndarray, ya: np.ndarray, b: np.ndarray, yb: np.ndarray) -> float:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1)).fit(a, ya)
-    return round(100 * clf.score(b, yb), 2)
 
 
 def main() -> None:
@@ -63,15 +54,15 @@ def main() -> None:
     tr = render_many(seed, range(args.train), S, processes=procs)
     va = render_many(seed, range(VAL_OFFSET, VAL_OFFSET + args.val), S, processes=procs)
     ya, yb = np.array([s.count for s in tr]), np.array([s.count for s in va])
-    out: dict[str, float] = {"colours": count_probe(np.stack([colour_features(s.objects) for s in tr]), ya,
-                                                    np.stack([colour_features(s.objects) for s in va]), yb)}
+    ca, cb = (np.stack([colour_features(s.objects) for s in split]) for split in (tr, va))
+    out: dict[str, float] = {"colours": logistic_top1(ca, ya, cb, yb)}
     torch.manual_seed(args.seed)
     encoder = build_encoder(cfg.model, S)
     xa, xb = (np.stack([s.image for s in split]) for split in (tr, va))
     for name, convert in (("random_rgb", lambda x: x), ("random_gray", grey)):
         fa = pooled(encoder, to_tensor(convert(xa)), "last")
         fb = pooled(encoder, to_tensor(convert(xb)), "last")
-        out[name] = count_probe(fa, ya, fb, yb)
+        out[name] = logistic_top1(fa, ya, fb, yb)
     print(json.dumps({"count_top1": out, "chance": 12.5, "train": args.train, "val": args.val}))
 
 

@@ -75,17 +75,22 @@ def pooled(encoder: torch.nn.Module, x: torch.Tensor, view: str) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def probe(encoder: torch.nn.Module, xtr: torch.Tensor, xva: torch.Tensor, d: dict) -> dict[str, float]:
+def logistic_top1(a: np.ndarray, ya: np.ndarray, b: np.ndarray, yb: np.ndarray) -> float:
+    """Top-1 (%) on (b, yb) of a logistic regression (standardised features, L2, C=0.1) fit on (a, ya)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1)).fit(a, ya)
+    return round(100 * clf.score(b, yb), 2)
+
+
+def probe(encoder: torch.nn.Module, xtr: torch.Tensor, xva: torch.Tensor, d: dict) -> dict[str, float]:
     out = {}
     for view in ("last", "last4"):
         a, b = pooled(encoder, xtr, view), pooled(encoder, xva, view)
         for task, ya, yb in (("shape", d["ytr"], d["yva"]), ("count", d["ctr"], d["cva"])):
-            clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1)).fit(a, ya)
-            out[f"{task}.{view}"] = round(100 * clf.score(b, yb), 2)
+            out[f"{task}.{view}"] = logistic_top1(a, ya, b, yb)
     return out
 
 
