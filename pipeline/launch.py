@@ -214,7 +214,7 @@ def pretrain(cfg: Config, root: str | Path | None = None,
                 tracking.set_tag("failure", f"non-finite loss at step {nan_step}")
                 raise PipelineError(f"loss is not finite at step {nan_step}; training stopped, last good "
                                     f"checkpoint {last} kept; lower optim.lr or set optim.grad_clip")
-            if result.checkpoint is None or not summary.get("done"):
+            if result.checkpoint is None or not summary.get("finished"):
                 raise PipelineError(f"pretrain run {name} ended without a final checkpoint ({summary})")
             checkpoint_dir = Path(result.checkpoint.path)
             _write_state(state_file, {"mlflow_run_id": run_id, "status": "finished", "summary": summary,
@@ -290,11 +290,7 @@ class _EpochReports(TuneReportCallback):
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if metrics and self.metric in metrics[0]:
-            # Without the loop's `done` flag: Tune reads `done: True` as "trial over" and tears the trial
-            # down at once, while its TrainController is still wrapping up (the child run was then left
-            # RUNNING, or FAILED when the controller died under `fit()`). The trial ends when fit() returns.
-            rank0 = {k: v for k, v in metrics[0].items() if k != "done"}
-            super().after_report(run_context, [rank0, *metrics[1:]], None)  # the trainer keeps its checkpoints
+            super().after_report(run_context, metrics, None)  # the trainer keeps its own checkpoints
 
 
 def _sweep_trial(params: dict[str, Any], *, cfg: Config, root: str, trial_config: Callable[[Config, dict], Config],

@@ -201,8 +201,10 @@ def train_worker(cfg: Config, dataset: Dataset, report: ReportFn, *, restore: di
 
     Schedules span `cfg.pretrain.epochs`; `max_epochs` stops earlier (a Tune trial's budget). `report`
     gets metrics at every checkpoint (with the checkpoint directory on rank 0) and at every epoch end
-    (`epoch`, `epoch_loss`, `rankme`: what a sweep compares). The last report has `done: True`, or
+    (`epoch`, `epoch_loss`, `rankme`: what a sweep compares). The last report has `finished: True`, or
     `nan_step` when the loss stopped being finite (no checkpoint is written then: the last good one stays).
+    Not `done`: Ray Tune reserves that key and ends a trial at once on `done: True`, while its trainer is
+    still wrapping up (a sweep trial's controller then died inside `fit()`).
     `epoch_end(model, epoch)` (a sweep's probe score) runs on rank 0 after each full epoch; its metrics join
     that epoch's report and rank 0's tracker (the other ranks wait in the report's barrier).
     """
@@ -252,7 +254,7 @@ def train_worker(cfg: Config, dataset: Dataset, report: ReportFn, *, restore: di
             bar.close()
         return {"step": step, "steps_total": total, "wall_s": wall0 + elapsed, "resumed_from": start_step,
                 "images_per_s": (step - start_step) * p.batch_size / max(1e-9, elapsed),
-                "final_loss": history[-1]["loss"] if history else float("nan"), "done": True}
+                "final_loss": history[-1]["loss"] if history else float("nan"), "finished": True}
 
     def checkpoint(metrics: dict[str, Any]) -> None:
         _checkpoint(report, rank, model, opt, step, history,
@@ -281,7 +283,7 @@ def train_worker(cfg: Config, dataset: Dataset, report: ReportFn, *, restore: di
             if is_log or is_ckpt:
                 nan_at = check_finite()
                 if nan_at is not None:
-                    stopped = {"step": step, "nan_step": nan_at, "done": False}
+                    stopped = {"step": step, "nan_step": nan_at, "finished": False}
                     report(stopped, None)
                     return stopped
             if is_log:

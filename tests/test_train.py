@@ -73,7 +73,7 @@ def test_collate_takes_this_ranks_rows_of_the_global_masks(tiny_cfg):
 def test_run_reports_history_checkpoints_and_done(cfg):
     rec = Recorder()
     done = train_worker(cfg, RandomImages(48, 32), rec)
-    assert done["done"] and done["step"] == done["steps_total"] == 6 and done["resumed_from"] == 0
+    assert done["finished"] and done["step"] == done["steps_total"] == 6 and done["resumed_from"] == 0
     assert [c["step"] for c in rec.checkpoints] == [2, 4, 6]
     history = rec.checkpoints[-1]["history"]
     assert [r["step"] for r in history] == [1, 2, 3, 4, 5, 6]
@@ -105,7 +105,7 @@ def test_resume_mid_epoch_equals_uninterrupted_run(cfg):
 def test_max_epochs_stops_early_on_the_full_schedule(cfg):
     rec = Recorder()
     done = train_worker(cfg, RandomImages(48, 32), rec, max_epochs=1)
-    assert done["step"] == 3 and done["steps_total"] == 6 and done["epoch"] == 1 and done["done"]
+    assert done["step"] == 3 and done["steps_total"] == 6 and done["epoch"] == 1 and done["finished"]
 
 
 def test_nan_loss_stops_naming_the_step_without_checkpoint(cfg):
@@ -113,7 +113,7 @@ def test_nan_loss_stops_naming_the_step_without_checkpoint(cfg):
     cfg = cfg.replace(**{"optim.lr": 1e30, "optim.start_lr": 1e30, "pretrain.log_every": 1})
     rec = Recorder()
     done = train_worker(cfg, RandomImages(48, 32), rec)
-    assert not done["done"] and 1 <= done["nan_step"] <= done["step"] <= 6 and rec.reports[-1] == done
+    assert not done["finished"] and 1 <= done["nan_step"] <= done["step"] <= 6 and rec.reports[-1] == done
     assert all(c["step"] < done["nan_step"] for c in rec.checkpoints)
     assert all(math.isfinite(r["loss"]) for c in rec.checkpoints for r in c["history"])
 
