@@ -94,32 +94,17 @@ def probe(encoder: torch.nn.Module, xtr: torch.Tensor, xva: torch.Tensor, d: dic
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=222, help="pretraining steps (rounded to whole epochs)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a params override")
-    ap.add_argument("--train", type=int, default=2400)
-    ap.add_argument("--val", type=int, default=800)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--grey", action="store_true",
-                    help="also probe the count on grey-level images (target and random encoders), where the "
-                         "colour-diversity cue of benchmarks/count_cues.py is gone")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    over = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
-    cfg = load_config(ROOT / "params.yaml").replace(**over)
-    S, B = cfg.data.image_size, cfg.pretrain.batch_size
-    d = scenes(cfg.data.synthetic.seed, args.train, args.val, S, cfg.data.synthetic.processes)
-    xtr, xva = to_tensor(d["xtr"]), to_tensor(d["xva"])
-
+def pretrain(cfg, xtr: torch.Tensor, steps: int) -> tuple[torch.nn.Module, dict[str, float]]:
+    """I-JEPA on `xtr` (n, 3, S, S) for `steps` rounded to whole epochs; (model, timing and final loss)."""
     import torchvision.transforms.v2 as T
 
+    S, B = cfg.data.image_size, cfg.pretrain.batch_size
     aug = T.Compose([T.RandomResizedCrop(S, scale=CROP_SCALE, antialias=True), T.RandomHorizontalFlip()])
     torch.manual_seed(cfg.pretrain.seed)
     model = build_ijepa(cfg)
     collator = MaskCollator(cfg.mask, model.encoder.grid_size, seed=cfg.pretrain.seed)
     steps_per_epoch = len(xtr) // B
-    sched = Schedules(cfg.optim, steps_per_epoch, max(1, round(args.steps / steps_per_epoch)))
+    sched = Schedules(cfg.optim, steps_per_epoch, max(1, round(steps / steps_per_epoch)))
     opt = build_optimizer(model, cfg.optim)
     model.train()
     t0, losses = time.perf_counter(), []
@@ -129,15 +114,54 @@ def main() -> None:
         out = train_step(model, opt, sched, step, torch.stack([aug(xtr[i]) for i in idx]), masks_enc, masks_pred)
         losses.append(out.loss.item())
     wall = time.perf_counter() - t0
+    return model, {"steps": sched.total_steps, "train_s": round(wall, 1),
+                   "images_per_s": round(sched.total_steps * B / wall, 1),
+                   "final_loss": round(float(np.mean(losses[-10:])), 4)}
+
+
+def random_band(cfg, xtr: torch.Tensor, xva: torch.Tensor, d: dict, k: int) -> dict[str, dict[str, float]]:
+    """{figure: {mean, std, min, max}} over `k` random-init encoders (seeds pretrain.seed + 2 ...)."""
+    runs = []
+    for i in range(k):
+        torch.manual_seed(cfg.pretrain.seed + 2 + i)
+        runs.append(probe(build_encoder(cfg.model, cfg.data.image_size), xtr, xva, d))
+    return {f: {"mean": round(float(np.mean(v)), 2), "std": round(float(np.std(v, ddof=1)), 2) if k > 1 else 0.0,
+                "min": min(v), "max": max(v)}
+            for f in runs[0] for v in [[r[f] for r in runs]]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=222,
+                    help="pretraining steps (rounded to whole epochs); 0: probe random inits only")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a params override")
+    ap.add_argument("--train", type=int, default=2400)
+    ap.add_argument("--val", type=int, default=800)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--random-seeds", type=int, default=0, metavar="K",
+                    help="also probe K more random inits (seeds pretrain.seed+2..): mean, std, min and max of "
+                         "each figure, the band a pretrained score has to leave to count as a gain")
+    ap.add_argument("--grey", action="store_true",
+                    help="also probe the count on grey-level images (target and random encoders), where the "
+                         "colour-diversity cue of benchmarks/count_cues.py is gone")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    over = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    cfg = load_config(ROOT / "params.yaml").replace(**over)
+    S = cfg.data.image_size
+    d = scenes(cfg.data.synthetic.seed, args.train, args.val, S, cfg.data.synthetic.processes)
+    xtr, xva = to_tensor(d["xtr"]), to_tensor(d["xva"])
+
     torch.manual_seed(cfg.pretrain.seed + 1)
     random_encoder = build_encoder(cfg.model, S)
-    result = {
-        "overrides": over, "steps": sched.total_steps, "train_s": round(wall, 1),
-        "images_per_s": round(sched.total_steps * B / wall, 1), "final_loss": round(float(np.mean(losses[-10:])), 4),
-        "target": probe(model.target_encoder, xtr, xva, d), "context": probe(model.encoder, xtr, xva, d),
-        "random": probe(random_encoder, xtr, xva, d),
-    }
-    if args.grey:
+    result = {"overrides": over}
+    if args.steps > 0:
+        model, stats = pretrain(cfg, xtr, args.steps)
+        result.update(stats, target=probe(model.target_encoder, xtr, xva, d), context=probe(model.encoder, xtr, xva, d))
+    result["random"] = probe(random_encoder, xtr, xva, d)
+    if args.random_seeds:
+        result["random_band"] = random_band(cfg, xtr, xva, d, args.random_seeds)
+    if args.grey and args.steps > 0:
         gtr, gva = to_tensor(grey(d["xtr"])), to_tensor(grey(d["xva"]))
         result["grey"] = {"target": probe(model.target_encoder, gtr, gva, d),
                           "random": probe(random_encoder, gtr, gva, d)}

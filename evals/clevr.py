@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from evals import common
 from evals.features import VIEWS, extract
+from evals.paired import pair_up
 from evals.probe import linear_probe
 from pipeline.config import Config, ProbeConfig
 
@@ -21,8 +22,9 @@ TASKS = ("count_all", "closest_object_distance")
 
 
 def evaluate_clevr(encoder: nn.Module, tasks: dict[str, tuple[Dataset, Dataset]], cfg: ProbeConfig, *,
-                   cache_dir: str | Path | None = None, num_workers: int = 0) -> dict[str, Any]:
-    """tasks {name: (train, val)} -> {name: {"last": {"top1", "lr", "weight_decay"}, "last4": {...}}}."""
+                   cache_dir: str | Path | None = None, num_workers: int = 0, hits: bool = False) -> dict[str, Any]:
+    """tasks {name: (train, val)} -> {name: {"last": {"top1", "lr", "weight_decay"}, "last4": {...}}}; with
+    `hits`, each view also holds the per-item top-1 hits (see `evals.paired`)."""
     kw = {"batch_size": cfg.batch_size, "cache_dir": cache_dir, "num_workers": num_workers}
     out: dict[str, Any] = {}
     for task, (train, val) in tasks.items():
@@ -31,7 +33,7 @@ def evaluate_clevr(encoder: nn.Module, tasks: dict[str, tuple[Dataset, Dataset]]
         c = getattr(getattr(train, "dataset", train), "num_classes", None) or int(ftr["y"].max()) + 1
         out[task] = {}
         for v in VIEWS:
-            res = linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], c, cfg)
+            res = linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], c, cfg, hits=hits)
             res.pop("top5")  # VTAB reports top-1 only
             out[task][v] = res
     return out
@@ -51,9 +53,11 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
         tasks[task] = (common.limit(train, cfg.eval_clevr.max_train, cfg.eval_clevr.seed),
                        common.limit(val, cfg.eval_clevr.max_test, cfg.eval_clevr.seed))
     results = {name: evaluate_clevr(enc, tasks, cfg.eval_clevr, cache_dir=ctx.cache_dir,
-                                    num_workers=cfg.data.num_workers)
+                                    num_workers=cfg.data.num_workers, hits=True)
                for name, enc in ctx.encoders.items()}
+    paired = pair_up(results)
     metrics, chosen = common.split_hparams(results)
+    metrics["paired"] = paired
     params = {**common.section_params(cfg.eval_clevr, NAME), "chosen": chosen,
               "n_train": len(tasks[TASKS[0]][0]), "n_val": len(tasks[TASKS[0]][1])}
     common.finish(cfg, ctx, NAME, metrics, params)

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from evals import common
 from evals.features import VIEWS, extract
+from evals.paired import pair_up
 from evals.probe import linear_probe
 from pipeline.config import Config, ProbeConfig
 from pipeline.errors import PipelineError
@@ -23,13 +24,15 @@ def num_classes(train: Dataset, y) -> int:
 
 
 def evaluate_linear(encoder: nn.Module, train: Dataset, val: Dataset, cfg: ProbeConfig, *,
-                    cache_dir: str | Path | None = None, num_workers: int = 0) -> dict[str, dict[str, float]]:
-    """{"last": {"top1", "top5", "lr", "weight_decay"}, "last4": {...}}; accuracies in %."""
+                    cache_dir: str | Path | None = None, num_workers: int = 0,
+                    hits: bool = False) -> dict[str, dict[str, Any]]:
+    """{"last": {"top1", "top5", "lr", "weight_decay"}, "last4": {...}}; accuracies in %; with `hits`, each
+    view also holds the per-item top-1 hits (see `evals.paired`)."""
     kw = {"batch_size": cfg.batch_size, "cache_dir": cache_dir, "num_workers": num_workers}
     ftr = extract(encoder, train, "pooled", desc="features train", **kw)
     fva = extract(encoder, val, "pooled", desc="features val", **kw)
     c = num_classes(train, ftr["y"])
-    return {v: linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], c, cfg) for v in VIEWS}
+    return {v: linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], c, cfg, hits=hits) for v in VIEWS}
 
 
 def imagenet_splits(cfg: Config, root: Path, subset: bool = False):
@@ -56,9 +59,11 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
     train = common.limit(train, cfg.eval_linear.max_train, cfg.eval_linear.seed)
     val = common.limit(val, cfg.eval_linear.max_test, cfg.eval_linear.seed)
     results = {name: evaluate_linear(enc, train, val, cfg.eval_linear, cache_dir=ctx.cache_dir,
-                                     num_workers=cfg.data.num_workers)
+                                     num_workers=cfg.data.num_workers, hits=True)
                for name, enc in ctx.encoders.items()}
+    paired = pair_up(results)
     metrics, chosen = common.split_hparams(results)
+    metrics["paired"] = paired
     params = {**common.section_params(cfg.eval_linear, NAME), "chosen": chosen,
               "n_train": len(train), "n_val": len(val)}
     common.finish(cfg, ctx, NAME, metrics, params)

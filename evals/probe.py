@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -134,15 +135,19 @@ def train_heads(x: Tensor, y: Tensor, num_classes: int, lrs: Sequence[float], wd
 
 
 def linear_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, num_classes: int,
-                 cfg: ProbeConfig) -> dict[str, float]:
-    """Features (n, D) and labels (n,) -> {"top1", "top5"} on test in %, plus the chosen "lr", "weight_decay"."""
+                 cfg: ProbeConfig, hits: bool = False) -> dict[str, Any]:
+    """Features (n, D) and labels (n,) -> {"top1", "top5"} on test in %, plus the chosen "lr", "weight_decay";
+    with `hits`, also "hits": (n_test,) bool on the CPU, the top-1 hit of each test item (for `evals.paired`)."""
     dev = head_device()
     with num_threads(1):
-        return _linear_probe(x_train.to(dev), y_train.to(dev), x_test.to(dev), y_test.to(dev), num_classes, cfg)
+        out = _linear_probe(x_train.to(dev), y_train.to(dev), x_test.to(dev), y_test.to(dev), num_classes, cfg)
+    if not hits:
+        del out["hits"]
+    return out
 
 
 def _linear_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, num_classes: int,
-                  cfg: ProbeConfig) -> dict[str, float]:
+                  cfg: ProbeConfig) -> dict[str, Any]:
     if len(x_test) == 0:
         raise PipelineError("linear probe: the test split is empty; expected at least one item")
     y_train, y_test = y_train.long(), y_test.long()
@@ -169,5 +174,6 @@ def _linear_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tens
     w, b = train_heads(xs, y_train, num_classes, [lr], [wd], cfg.epochs, cfg.seed)
     with torch.no_grad():
         logits = _logits(norm(x_test), w, b)[:, 0]
+    hits = logits.topk(1, dim=-1).indices[:, 0] == y_test  # what top1 counts
     return {"top1": topk_accuracy(logits, y_test, 1), "top5": topk_accuracy(logits, y_test, 5),
-            "lr": lr, "weight_decay": wd}
+            "lr": lr, "weight_decay": wd, "hits": hits.cpu()}

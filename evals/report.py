@@ -2,10 +2,12 @@
 
 Rows are (evaluation, metric); columns
 
-    ijepa.last  ijepa.last4  random.last  random.last4  margin.last  margin.last4  baseline
+    ijepa.last  ijepa.last4  random.last  random.last4  margin.last  margin.last4  p.last  p.last4  baseline
 
 `margin` is I-JEPA minus random for higher-is-better figures (accuracies, d1..d3) and random minus
-I-JEPA for errors (abs_rel, rmse, log10): positive always means that pretraining helped. `baseline`
+I-JEPA for errors (abs_rel, rmse, log10): positive always means that pretraining helped. `p` is the
+two-sided McNemar p-value of the top-1 margin, the two encoders' probes being paired on the same val
+items (`evals.paired`, from the metrics files' "paired" section): above 0.05 the margin is noise. `baseline`
 holds a figure-specific baseline where there is one (the train-mean depth map for depth). Depth has a
 single view (patch tokens + pooled token of the last layer), filed under "last".
 
@@ -31,7 +33,9 @@ from pipeline.errors import PipelineError
 NAME = "report"
 EVALS = {"eval_linear": "linear", "eval_semi": "semi_1pct", "eval_clevr": "clevr", "eval_depth": "depth"}
 REPORT_DIR = "reports"
-COLUMNS = [f"{e}.{v}" for e in common.ENCODERS for v in VIEWS] + [f"margin.{v}" for v in VIEWS] + ["baseline"]
+PAIRED = "paired"  # the metrics files' section of paired statistics (evals.paired); p-values go to p.<view>
+COLUMNS = ([f"{e}.{v}" for e in common.ENCODERS for v in VIEWS] + [f"margin.{v}" for v in VIEWS]
+           + [f"p.{v}" for v in VIEWS] + ["baseline"])
 
 
 def _leaves(d: dict[str, Any], path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], float]]:
@@ -48,6 +52,11 @@ def build_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
         label = EVALS.get(stage, stage)
         for top, sub in doc.items():
             for path, value in _leaves(sub):
+                if top == PAIRED:  # (task..., view, stat): the top-1 row of that task gets p.<view>
+                    *task, view, stat = path
+                    if stat == "p_value":
+                        cells.setdefault((".".join([label, *task]), "top1"), {})[f"p.{view}"] = value
+                    continue
                 *task, view, metric = path if top in common.ENCODERS else ("", *path)
                 evaluation = ".".join([label, *task])
                 row = cells.setdefault((evaluation, metric), {})

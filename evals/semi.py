@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, Subset
 from evals import common
 from evals.features import VIEWS, cached, extract
 from evals.linear import imagenet_splits, num_classes
+from evals.paired import pair_up
 from evals.probe import linear_probe
 from pipeline.config import Config, ProbeConfig
 from pipeline.errors import PipelineError
@@ -37,8 +38,10 @@ def subset_indices(train: Dataset, subset: Dataset) -> list[int]:
 
 
 def evaluate_semi(encoder: nn.Module, train: Dataset, val: Dataset, subset: Sequence[int], cfg: ProbeConfig, *,
-                  cache_dir: str | Path | None = None, num_workers: int = 0) -> dict[str, dict[str, float]]:
-    """Probe on the train rows `subset` only -> {"last": {"top1", "top5", "lr", ...}, "last4": {...}}."""
+                  cache_dir: str | Path | None = None, num_workers: int = 0,
+                  hits: bool = False) -> dict[str, dict[str, Any]]:
+    """Probe on the train rows `subset` only -> {"last": {"top1", "top5", "lr", ...}, "last4": {...}}; with
+    `hits`, each view also holds the per-item top-1 hits (see `evals.paired`)."""
     if len(subset) == 0:
         raise PipelineError("1% probe: the subset is empty; expected at least one training image")
     kw = {"batch_size": cfg.batch_size, "cache_dir": cache_dir, "num_workers": num_workers}
@@ -50,7 +53,7 @@ def evaluate_semi(encoder: nn.Module, train: Dataset, val: Dataset, subset: Sequ
         ftr = extract(encoder, Subset(train, list(subset)), "pooled", desc="features 1%", **kw)
     fva = extract(encoder, val, "pooled", desc="features val", **kw)
     c = num_classes(train, ftr["y"])
-    return {v: linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], c, cfg) for v in VIEWS}
+    return {v: linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], c, cfg, hits=hits) for v in VIEWS}
 
 
 def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
@@ -63,9 +66,11 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
     subset_file = dataset_paths(cfg.data, ctx.root).imagenet_subset
     subset = subset_indices(train, ImageNetFolder(train.root, "train", subset_file=subset_file))
     results = {name: evaluate_semi(enc, train, val, subset, cfg.eval_semi, cache_dir=ctx.cache_dir,
-                                   num_workers=cfg.data.num_workers)
+                                   num_workers=cfg.data.num_workers, hits=True)
                for name, enc in ctx.encoders.items()}
+    paired = pair_up(results)
     metrics, chosen = common.split_hparams(results)
+    metrics["paired"] = paired
     params = {**common.section_params(cfg.eval_semi, NAME), "chosen": chosen, "n_subset": len(subset),
               "subset_file": str(subset_file), "n_val": len(val)}
     common.finish(cfg, ctx, NAME, metrics, params)

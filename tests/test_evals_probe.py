@@ -24,6 +24,10 @@ def test_separable_clusters_are_probed_near_perfectly():
     assert out["top1"] >= 98.0
     assert out["top5"] == 100.0
     assert (out["lr"], out["weight_decay"]) in grid(CFG.lrs, CFG.weight_decays)
+    assert "hits" not in out
+    with_hits = linear_probe(x, y, xt, yt, 8, CFG, hits=True)
+    assert with_hits["hits"].shape == (200,) and with_hits["hits"].dtype == torch.bool
+    assert 100 * with_hits["hits"].float().mean().item() == pytest.approx(out["top1"])
 
 
 def test_random_labels_stay_near_chance():

@@ -9,9 +9,11 @@ from evals.report import COLUMNS, build_table, to_markdown, write_report
 
 RESULTS = {
     "eval_linear": {"ijepa": {"last": {"top1": 60.0, "top5": 90.0}, "last4": {"top1": 65.0, "top5": 92.0}},
-                    "random": {"last": {"top1": 20.0, "top5": 50.0}, "last4": {"top1": 25.0, "top5": 55.0}}},
+                    "random": {"last": {"top1": 20.0, "top5": 50.0}, "last4": {"top1": 25.0, "top5": 55.0}},
+                    "paired": {"last": {"margin": 40.0, "p_value": 1e-9}, "last4": {"margin": 40.0, "p_value": 2e-9}}},
     "eval_clevr": {"ijepa": {"count_all": {"last": {"top1": 40.0}, "last4": {"top1": 45.0}}},
-                   "random": {"count_all": {"last": {"top1": 30.0}, "last4": {"top1": 28.0}}}},
+                   "random": {"count_all": {"last": {"top1": 30.0}, "last4": {"top1": 28.0}}},
+                   "paired": {"count_all": {"last": {"margin": 10.0, "p_value": 0.3, "n": 100}}}},
     "eval_depth": {"ijepa": {"last": {"rmse": 0.8, "d1": 0.7}}, "random": {"last": {"rmse": 1.0, "d1": 0.6}},
                    "mean_depth": {"rmse": 1.2, "d1": 0.5}},
 }
@@ -29,6 +31,10 @@ def test_rows_columns_and_margins():
     assert t.loc[("depth", "rmse"), "baseline"] == pytest.approx(1.2)
     assert math.isnan(t.loc[("depth", "rmse"), "ijepa.last4"])  # depth has one view
     assert math.isnan(t.loc[("linear", "top1"), "baseline"])
+    assert t.loc[("linear", "top1"), "p.last4"] == pytest.approx(2e-9)  # the paired test lands on the top-1 row
+    assert t.loc[("clevr.count_all", "top1"), "p.last"] == pytest.approx(0.3)
+    assert math.isnan(t.loc[("clevr.count_all", "top1"), "p.last4"])  # not in the file: not made up
+    assert math.isnan(t.loc[("linear", "top5"), "p.last"])  # top-5 is not tested
 
 
 def test_markdown_and_csv(tmp_path):
