@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 from evals import common
 from evals.features import extract
+from evals.paired import ERRORS, pair_up
 from evals.probe import GridAdam, cosine, grid, head_device, split_train_val
 from pipeline.config import Config, DepthProbeConfig
 from pipeline.errors import PipelineError
@@ -57,10 +58,11 @@ def eval_mask(gt: Tensor, min_depth: float, max_depth: float, eigen: bool = True
     return valid
 
 
-def depth_metrics(pred: Tensor, gt: Tensor, mask: Tensor) -> dict[str, float]:
+def depth_metrics(pred: Tensor, gt: Tensor, mask: Tensor, per_image_out: bool = False) -> dict[str, Any]:
     """pred, gt (n, H, W) metres, mask (n, H, W) bool -> the standard metrics, per image then averaged.
 
-    Images without a valid pixel are left out; PipelineError when none has one.
+    Images without a valid pixel are left out; PipelineError when none has one. With `per_image_out`, also
+    `ERRORS`: the AbsRel of each image kept, (n_kept,) (for the paired test of `evals.paired`).
     """
     p, g, m = pred.double(), gt.double(), mask.bool()
     per_image: dict[str, list[float]] = {k: [] for k in METRICS}
@@ -75,7 +77,10 @@ def depth_metrics(pred: Tensor, gt: Tensor, mask: Tensor) -> dict[str, float]:
             per_image[f"d{k}"].append((ratio < 1.25**k).double().mean().item())
     if not per_image["rmse"]:
         raise PipelineError("depth metrics: no test image has a valid pixel inside the Eigen crop")
-    return {k: float(np.mean(v)) for k, v in per_image.items()}
+    out: dict[str, Any] = {k: float(np.mean(v)) for k, v in per_image.items()}
+    if per_image_out:
+        out[ERRORS] = torch.tensor(per_image["abs_rel"], dtype=torch.float64)
+    return out
 
 
 def mean_depth_map(depths: Tensor, min_depth: float, max_depth: float) -> Tensor:
@@ -185,7 +190,7 @@ def _token_standardizer(tokens: Tensor):
 
 
 def depth_probe(tok_train: Tensor, d_train: Tensor, tok_test: Tensor, d_test: Tensor, cfg: DepthProbeConfig,
-                grid_hw: tuple[int, int]) -> tuple[dict[str, float], Tensor]:
+                grid_hw: tuple[int, int]) -> tuple[dict[str, Any], Tensor]:
     """Tokens (n, N, D), depths (n, S, S) -> (test metrics + chosen "lr", "weight_decay", test pred (n, S, S)).
 
     Runs on torch's thread count, unlike the linear probe: each step here is a few (B*N, D) x (D, G*K)
@@ -207,14 +212,15 @@ def depth_probe(tok_train: Tensor, d_train: Tensor, tok_test: Tensor, d_test: Te
     norm = _token_standardizer(tok_train)
     heads = train_depth_heads(norm(tok_train), d_train, [(lr, wd)], cfg, grid_hw)
     pred = predict(heads, norm(tok_test))[:, 0]
-    metrics = depth_metrics(pred, d_test, eval_mask(d_test, cfg.min_depth, cfg.max_depth))
+    metrics = depth_metrics(pred, d_test, eval_mask(d_test, cfg.min_depth, cfg.max_depth), per_image_out=True)
     return {**metrics, "lr": lr, "weight_decay": wd}, pred
 
 
 def evaluate_depth(encoder: nn.Module, train: Dataset, test: Dataset, cfg: DepthProbeConfig, *,
                    cache_dir: str | Path | None = None, num_workers: int = 0,
-                   panel_path: str | Path | None = None) -> dict[str, float]:
-    """(image (3, S, S), depth (S, S)) datasets -> {"abs_rel", "rmse", "log10", "d1", "d2", "d3", "lr", ...}.
+                   panel_path: str | Path | None = None) -> dict[str, Any]:
+    """(image (3, S, S), depth (S, S)) datasets -> {"abs_rel", "rmse", "log10", "d1", "d2", "d3", "lr", ...,
+    `ERRORS`: per-image AbsRel (n_test,)} (pop `ERRORS` before writing metrics; `evals.paired.pair_up` does).
 
     With `panel_path` (and `pipeline.viz.depth_panel` available), also a PNG of a few test predictions.
     """
@@ -260,12 +266,14 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
         results[name] = {"last": evaluate_depth(enc, train, test, cfg.eval_depth, cache_dir=ctx.cache_dir,
                                                 num_workers=cfg.data.num_workers, panel_path=panel)}
         panels += [panel] if panel.is_file() else []
+    paired = pair_up(results)
     # The depth maps are the cached "y" of the token features: no second pass over the .mat.
     kw = {"batch_size": cfg.eval_depth.batch_size, "cache_dir": ctx.cache_dir}
     d_train = extract(ctx.encoders["ijepa"], train, "tokens", **kw)["y"].float()
     d_test = extract(ctx.encoders["ijepa"], test, "tokens", **kw)["y"].float()
     metrics, chosen = common.split_hparams(results)
     metrics["mean_depth"] = evaluate_mean_depth(d_train, d_test, cfg.eval_depth)
+    metrics["paired"] = paired
     params = {**common.section_params(cfg.eval_depth, NAME), "chosen": chosen, "n_train": len(train),
               "n_test": len(test)}
     common.finish(cfg, ctx, NAME, metrics, params, panels)

@@ -10,6 +10,9 @@ images and ~20 % accuracy an independent comparison would need ~4 points; a pair
 `margin` is top-1(a) - top-1(b) in points; the 95 % interval is the normal approximation of the mean
 paired difference; `p_value` is the two-sided exact McNemar test (a binomial test on the discordant
 items): p > 0.05 means the margin is within what the choice of val images alone would produce.
+`paired_errors` does the same for a per-image error (depth AbsRel): margin = mean error of b minus
+that of a (positive: a is better), and the sign test on the images where they differ (the same
+binomial test).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 from torch import Tensor
 
 HITS = "hits"  # the key under which a probe result carries its per-item top-1 hits (n,) bool
+ERRORS = "abs_rel_per_image"  # ... and a depth result its per-image AbsRel (n,)
 
 
 def mcnemar_p(a_only: int, b_only: int) -> float:
@@ -47,15 +51,34 @@ def paired_margin(hits_a: Tensor, hits_b: Tensor) -> dict[str, float]:
             "p_value": mcnemar_p(int((a & ~b).sum()), int((b & ~a).sum())), "n": n}
 
 
+def paired_errors(err_a: Tensor, err_b: Tensor) -> dict[str, float]:
+    """Per-item errors (n,) of a and b on the same items -> margin mean(b - a) (positive: a better), its
+    95 % interval, the two-sided sign-test p-value, n."""
+    a, b = err_a.double().flatten(), err_b.double().flatten()
+    if a.shape != b.shape or len(a) == 0:
+        raise ValueError(f"paired errors must have the same non-zero length; got {len(a)} and {len(b)}")
+    d = b - a
+    n = len(d)
+    margin = d.mean().item()
+    half = 1.959964 * d.std().item() / math.sqrt(n) if n > 1 else math.nan
+    return {"margin": margin, "ci95_low": margin - half, "ci95_high": margin + half,
+            "p_value": mcnemar_p(int((d > 0).sum()), int((d < 0).sum())), "n": n}
+
+
+PER_ITEM = {HITS: ("top1", paired_margin), ERRORS: ("abs_rel", paired_errors)}  # key -> (figure, test)
+
+
 def pair_up(results: dict[str, Any], a: str = "ijepa", b: str = "random") -> dict[str, Any]:
-    """Take the `HITS` leaves out of results[a] and results[b] (same nesting) and return their paired
-    comparison with that nesting: {"last": {...}} or {"count_all": {"last": {...}}}. Mutates `results`."""
+    """Take the per-item leaves (`PER_ITEM`'s keys) out of results[a] and results[b] (same nesting) and
+    return their paired comparison under that nesting and the figure's name:
+    {"last": {"top1": {...}}} or {"count_all": {"last": {"top1": {...}}}}. Mutates `results`."""
 
     def walk(x: dict[str, Any], y: dict[str, Any]) -> dict[str, Any]:
         out = {}
         for key in list(x):
-            if key == HITS:
-                out.update(paired_margin(x.pop(HITS), y.pop(HITS)))
+            if key in PER_ITEM:
+                figure, test = PER_ITEM[key]
+                out[figure] = test(x.pop(key), y.pop(key))
             elif isinstance(x[key], dict):
                 sub = walk(x[key], y[key])
                 if sub:

@@ -6,8 +6,9 @@ Rows are (evaluation, metric); columns
 
 `margin` is I-JEPA minus random for higher-is-better figures (accuracies, d1..d3) and random minus
 I-JEPA for errors (abs_rel, rmse, log10): positive always means that pretraining helped. `p` is the
-two-sided McNemar p-value of the top-1 margin, the two encoders' probes being paired on the same val
-items (`evals.paired`, from the metrics files' "paired" section): above 0.05 the margin is noise. `baseline`
+two-sided p-value of the margin, the two encoders' probes being paired on the same val items
+(`evals.paired`, from the metrics files' "paired" section): McNemar for top-1, the sign test over
+images for depth AbsRel; above 0.05 the margin is noise. `baseline`
 holds a figure-specific baseline where there is one (the train-mean depth map for depth). Depth has a
 single view (patch tokens + pooled token of the last layer), filed under "last".
 
@@ -48,19 +49,23 @@ def _leaves(d: dict[str, Any], path: tuple[str, ...] = ()) -> list[tuple[tuple[s
 def build_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """{"eval_linear": <metrics json>, ...} -> DataFrame indexed by (evaluation, metric), COLUMNS as above."""
     cells: dict[tuple[str, str], dict[str, float]] = {}
+    pvalues: dict[tuple[str, str], dict[str, float]] = {}
     for stage, doc in results.items():
         label = EVALS.get(stage, stage)
         for top, sub in doc.items():
             for path, value in _leaves(sub):
-                if top == PAIRED:  # (task..., view, stat): the top-1 row of that task gets p.<view>
-                    *task, view, stat = path
+                if top == PAIRED:  # (task..., view, figure, stat): the figure's row gets p.<view>
+                    *task, view, figure, stat = path
                     if stat == "p_value":
-                        cells.setdefault((".".join([label, *task]), "top1"), {})[f"p.{view}"] = value
+                        pvalues.setdefault((".".join([label, *task]), figure), {})[f"p.{view}"] = value
                     continue
                 *task, view, metric = path if top in common.ENCODERS else ("", *path)
                 evaluation = ".".join([label, *task])
                 row = cells.setdefault((evaluation, metric), {})
                 row[f"{top}.{view}" if top in common.ENCODERS else "baseline"] = value
+    for row, ps in pvalues.items():  # only onto figures the files hold
+        if row in cells:
+            cells[row].update(ps)
     table = pd.DataFrame.from_dict(cells, orient="index").reindex(columns=COLUMNS)
     table.index = pd.MultiIndex.from_tuples(table.index, names=["evaluation", "metric"])
     sign = pd.Series([-1.0 if m in LOWER_IS_BETTER else 1.0 for _, m in table.index], index=table.index)
@@ -105,7 +110,9 @@ def write_report(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     tmp.replace(csv)
     tmp = out_dir / ".evals.md.tmp"
     tmp.write_text("# Downstream evaluations: I-JEPA vs random init\n\nmargin > 0: pretraining helped "
-                   "(errors: random - I-JEPA). Accuracies in %, rmse in metres.\n\n" + to_markdown(table))
+                   "(errors: random - I-JEPA). Accuracies in %, rmse in metres. p: paired test of the margin on "
+                   "the same val images (McNemar for top-1, sign test for AbsRel); p > 0.05: within noise.\n\n"
+                   + to_markdown(table))
     tmp.replace(md)
     written = [csv, md]
     try:

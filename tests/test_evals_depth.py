@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from evals.depth import DepthHeads, depth_metrics, depth_probe, eval_mask, evaluate_mean_depth, mean_depth_map, sig_loss
+from evals.paired import ERRORS
 from pipeline.config import DepthProbeConfig
 from pipeline.data import eigen_mask
 from pipeline.errors import PipelineError
@@ -30,6 +31,8 @@ def test_metrics_average_per_image_not_per_pixel():
     m = depth_metrics(pred, gt, mask)
     assert m["abs_rel"] == pytest.approx(0.5)  # (1 + 0) / 2 images; pooled pixels would give 2/3
     assert m["rmse"] == pytest.approx(0.5)
+    assert ERRORS not in m
+    assert depth_metrics(pred, gt, mask, per_image_out=True)[ERRORS].tolist() == pytest.approx([1.0, 0.0])
     with pytest.raises(PipelineError, match="no test image"):
         depth_metrics(pred, gt, torch.zeros_like(mask))
 
@@ -92,3 +95,4 @@ def test_probe_learns_depth_linear_in_the_tokens(head):
     assert metrics["rmse"] < 0.5 * baseline["rmse"]
     assert metrics["d1"] > 0.9
     assert metrics["lr"] in cfg.lrs
+    assert metrics[ERRORS].shape == (30,) and metrics[ERRORS].mean().item() == pytest.approx(metrics["abs_rel"])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from evals.paired import HITS, mcnemar_p, pair_up, paired_margin
+from evals.paired import ERRORS, HITS, mcnemar_p, pair_up, paired_errors, paired_margin
 
 
 def brute_mcnemar(a_only: int, b_only: int) -> float:
@@ -56,12 +56,28 @@ def test_a_real_gain_on_800_items_is_significant_and_noise_is_not():
     assert paired_margin(other, base)["p_value"] > 0.01
 
 
-def test_pair_up_takes_the_hits_out_and_keeps_the_nesting():
+def test_paired_errors_by_hand():
+    a = torch.tensor([0.10, 0.20, 0.30, 0.40])  # per-image AbsRel of a: lower on 3 images, higher on 1
+    b = torch.tensor([0.15, 0.25, 0.35, 0.30])
+    out = paired_errors(a, b)
+    assert out["margin"] == pytest.approx(0.0125)  # differences b - a: .05, .05, .05, -.10
+    half = 1.959964 * torch.tensor([0.05, 0.05, 0.05, -0.10]).double().std().item() / 2
+    assert (out["ci95_low"], out["ci95_high"]) == pytest.approx((0.0125 - half, 0.0125 + half))
+    assert out["p_value"] == pytest.approx(mcnemar_p(3, 1))  # the sign test: 3 images for a, 1 for b
+    assert paired_errors(b, a)["margin"] == pytest.approx(-0.0125)
+
+
+def test_pair_up_takes_the_per_item_leaves_out_and_keeps_the_nesting():
     t, f = torch.tensor([True, True]), torch.tensor([False, True])
-    results = {"ijepa": {"count_all": {"last": {"top1": 100.0, HITS: t}}, "extra": {"last": {"top1": 1.0}}},
-               "random": {"count_all": {"last": {"top1": 50.0, HITS: f}}, "extra": {"last": {"top1": 1.0}}}}
+    results = {"ijepa": {"count_all": {"last": {"top1": 100.0, HITS: t}}, "extra": {"last": {"top1": 1.0}},
+                         "depth": {"abs_rel": 0.1, ERRORS: torch.tensor([0.1, 0.1])}},
+               "random": {"count_all": {"last": {"top1": 50.0, HITS: f}}, "extra": {"last": {"top1": 1.0}},
+                          "depth": {"abs_rel": 0.2, ERRORS: torch.tensor([0.2, 0.2])}}}
     paired = pair_up(results)
-    assert set(paired) == {"count_all"} and paired["count_all"]["last"]["margin"] == pytest.approx(50.0)
+    assert set(paired) == {"count_all", "depth"}
+    assert paired["count_all"]["last"]["top1"]["margin"] == pytest.approx(50.0)
+    assert paired["depth"]["abs_rel"]["margin"] == pytest.approx(0.1)  # random's error minus I-JEPA's
     assert HITS not in results["ijepa"]["count_all"]["last"] and HITS not in results["random"]["count_all"]["last"]
+    assert ERRORS not in results["ijepa"]["depth"] and ERRORS not in results["random"]["depth"]
     with pytest.raises(ValueError, match="same non-zero length"):
         paired_margin(torch.ones(3, dtype=torch.bool), torch.ones(4, dtype=torch.bool))

@@ -10,12 +10,14 @@ from evals.report import COLUMNS, build_table, to_markdown, write_report
 RESULTS = {
     "eval_linear": {"ijepa": {"last": {"top1": 60.0, "top5": 90.0}, "last4": {"top1": 65.0, "top5": 92.0}},
                     "random": {"last": {"top1": 20.0, "top5": 50.0}, "last4": {"top1": 25.0, "top5": 55.0}},
-                    "paired": {"last": {"margin": 40.0, "p_value": 1e-9}, "last4": {"margin": 40.0, "p_value": 2e-9}}},
+                    "paired": {"last": {"top1": {"margin": 40.0, "p_value": 1e-9}},
+                               "last4": {"top1": {"margin": 40.0, "p_value": 2e-9}}}},
     "eval_clevr": {"ijepa": {"count_all": {"last": {"top1": 40.0}, "last4": {"top1": 45.0}}},
                    "random": {"count_all": {"last": {"top1": 30.0}, "last4": {"top1": 28.0}}},
-                   "paired": {"count_all": {"last": {"margin": 10.0, "p_value": 0.3, "n": 100}}}},
+                   "paired": {"count_all": {"last": {"top1": {"margin": 10.0, "p_value": 0.3, "n": 100}}}}},
     "eval_depth": {"ijepa": {"last": {"rmse": 0.8, "d1": 0.7}}, "random": {"last": {"rmse": 1.0, "d1": 0.6}},
-                   "mean_depth": {"rmse": 1.2, "d1": 0.5}},
+                   "mean_depth": {"rmse": 1.2, "d1": 0.5},
+                   "paired": {"last": {"abs_rel": {"margin": 0.01, "p_value": 0.04}}}},
 }
 
 
@@ -35,6 +37,7 @@ def test_rows_columns_and_margins():
     assert t.loc[("clevr.count_all", "top1"), "p.last"] == pytest.approx(0.3)
     assert math.isnan(t.loc[("clevr.count_all", "top1"), "p.last4"])  # not in the file: not made up
     assert math.isnan(t.loc[("linear", "top5"), "p.last"])  # top-5 is not tested
+    assert ("depth", "abs_rel") not in t.index  # a p-value alone does not make a row
 
 
 def test_markdown_and_csv(tmp_path):

@@ -64,20 +64,22 @@ def test_every_stage_end_to_end(cfg, shared_data, tmp_path):
     semi.run(cfg, tmp_path)
     assert sorted((tmp_path / ".cache" / "features").iterdir()) == cached  # the 1% probe reuses train features
     for view in ("last", "last4"):  # the paired test of the two encoders on the same val images
-        pv = m["paired"][view]
+        pv = m["paired"][view]["top1"]
         assert pv["margin"] == pytest.approx(m["ijepa"][view]["top1"] - m["random"][view]["top1"])
         assert pv["ci95_low"] <= pv["margin"] <= pv["ci95_high"] and 0 < pv["p_value"] <= 1
     c = clevr.run(cfg, tmp_path)
     assert set(c["random"]) == {"count_all", "closest_object_distance"}
     assert set(c["paired"]) == {"count_all", "closest_object_distance"}
     d = depth.run(cfg, tmp_path)
-    assert set(d) == {"ijepa", "random", "mean_depth"}
+    assert set(d) == {"ijepa", "random", "mean_depth", "paired"}
+    pd_ = d["paired"]["last"]["abs_rel"]
+    assert pd_["margin"] == pytest.approx(d["random"]["last"]["abs_rel"] - d["ijepa"]["last"]["abs_rel"])
     assert 0 <= d["ijepa"]["last"]["d1"] <= d["ijepa"]["last"]["d2"] <= d["ijepa"]["last"]["d3"] <= 1
     table = report.run(cfg, tmp_path)
     for name in ("eval_linear", "eval_semi", "eval_clevr", "eval_depth"):
         doc = json.loads((tmp_path / "metrics" / f"{name}.json").read_text())
         assert "random" in doc and "ijepa" in doc
-    assert table["p.last"].notna().sum() == 4  # linear, 1 %, count, distance top-1
+    assert table["p.last"].notna().sum() == 5  # linear, 1 %, count, distance top-1; depth AbsRel
     assert {"linear", "semi_1pct", "clevr.count_all", "clevr.closest_object_distance", "depth"} == \
         set(table.index.get_level_values(0))
     assert (tmp_path / "reports" / "evals.md").is_file() and (tmp_path / "reports" / "evals.csv").is_file()
