@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from evals.paired import HITS
 from pipeline.config import ProbeConfig
 from pipeline.errors import PipelineError
 
@@ -142,7 +143,7 @@ def linear_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tenso
     with num_threads(1):
         out = _linear_probe(x_train.to(dev), y_train.to(dev), x_test.to(dev), y_test.to(dev), num_classes, cfg)
     if not hits:
-        del out["hits"]
+        del out[HITS]
     return out
 
 
@@ -176,4 +177,4 @@ def _linear_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tens
         logits = _logits(norm(x_test), w, b)[:, 0]
     hits = logits.topk(1, dim=-1).indices[:, 0] == y_test  # what top1 counts
     return {"top1": topk_accuracy(logits, y_test, 1), "top5": topk_accuracy(logits, y_test, 5),
-            "lr": lr, "weight_decay": wd, "hits": hits.cpu()}
+            "lr": lr, "weight_decay": wd, HITS: hits.cpu()}
