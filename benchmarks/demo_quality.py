@@ -166,15 +166,15 @@ def main() -> None:
     random_encoder = build_encoder(cfg.model, S)
     result = {"overrides": over}
     if args.steps > 0:
-        runs, models = [], []
+        runs = []
         for i in range(args.seeds):
             seed_cfg = cfg.replace(**{"pretrain.seed": cfg.pretrain.seed + i})
             m, stats = pretrain(seed_cfg, xtr, args.steps)
-            models.append(m)
+            if i == 0:
+                model = m  # the first seed's: the one the --grey probe reads
             runs.append({"seed": seed_cfg.pretrain.seed, **stats, "target": probe(m.target_encoder, xtr, xva, d),
                          "context": probe(m.encoder, xtr, xva, d)})
         result.update({k: v for k, v in runs[0].items() if k != "seed"})
-        model = models[0]  # the first seed's: the one the --grey probe reads
         if args.seeds > 1:
             result["seeds"] = runs
             result["target_band"] = band([r["target"] for r in runs])

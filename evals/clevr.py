@@ -13,7 +13,6 @@ from torch.utils.data import Dataset
 
 from evals import common
 from evals.features import VIEWS, extract
-from evals.paired import pair_up
 from evals.probe import linear_probe
 from pipeline.config import Config, ProbeConfig
 
@@ -55,9 +54,7 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
     results = {name: evaluate_clevr(enc, tasks, cfg.eval_clevr, cache_dir=ctx.cache_dir,
                                     num_workers=cfg.data.num_workers, hits=True)
                for name, enc in ctx.encoders.items()}
-    paired = pair_up(results)
-    metrics, chosen = common.split_hparams(results)
-    metrics["paired"] = paired
+    metrics, chosen = common.split_results(results)
     params = {**common.section_params(cfg.eval_clevr, NAME), "chosen": chosen,
               "n_train": len(tasks[TASKS[0]][0]), "n_val": len(tasks[TASKS[0]][1])}
     common.finish(cfg, ctx, NAME, metrics, params)

@@ -7,7 +7,11 @@ run with the chosen hyper-parameters as params and every figure as a metric.
 
 Metrics files are nested JSON, which `dvc metrics show` flattens into dotted columns:
 
-    {"ijepa": {"last": {"top1": 71.2, "top5": 99.1}, "last4": {...}}, "random": {...}}
+    {"ijepa": {"last": {"top1": 71.2, "top5": 99.1}, "last4": {...}}, "random": {...},
+     "paired": {"last": {"top1": {"margin": 1.75, "ci95_low": ..., "p_value": 0.26, ...}}, ...}}
+
+`split_results` builds that from the two encoders' results: the "paired" section (`evals.paired`)
+compares them item by item on the same test images.
 
 Accuracies are in %, depth errors in metres (rmse) or unitless (abs_rel, log10, d1..d3 as fractions).
 """
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Dataset, Subset
 
+from evals.paired import pair_up
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 
@@ -111,6 +116,15 @@ def split_hparams(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
             chosen[k] = v
         else:
             figures[k] = v
+    return figures, chosen
+
+
+def split_results(results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """{"ijepa": ..., "random": ...}, leaves holding per-item results (`evals.paired.PER_ITEM`) ->
+    (figures plus their "paired" comparison, chosen hyper-parameters): what a stage writes and logs."""
+    paired = pair_up(results)
+    figures, chosen = split_hparams(results)
+    figures["paired"] = paired
     return figures, chosen
 
 

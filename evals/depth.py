@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from evals import common
 from evals.features import extract
-from evals.paired import ERRORS, pair_up
+from evals.paired import ERRORS
 from evals.probe import GridAdam, cosine, grid, head_device, split_train_val
 from pipeline.config import Config, DepthProbeConfig
 from pipeline.errors import PipelineError
@@ -220,7 +220,7 @@ def evaluate_depth(encoder: nn.Module, train: Dataset, test: Dataset, cfg: Depth
                    cache_dir: str | Path | None = None, num_workers: int = 0,
                    panel_path: str | Path | None = None) -> dict[str, Any]:
     """(image (3, S, S), depth (S, S)) datasets -> {"abs_rel", "rmse", "log10", "d1", "d2", "d3", "lr", ...,
-    `ERRORS`: per-image AbsRel (n_test,)} (pop `ERRORS` before writing metrics; `evals.paired.pair_up` does).
+    `ERRORS`: per-image AbsRel (n_test,)}; `common.split_results` takes `ERRORS` out before metrics are written.
 
     With `panel_path` (and `pipeline.viz.depth_panel` available), also a PNG of a few test predictions.
     """
@@ -266,14 +266,12 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
         results[name] = {"last": evaluate_depth(enc, train, test, cfg.eval_depth, cache_dir=ctx.cache_dir,
                                                 num_workers=cfg.data.num_workers, panel_path=panel)}
         panels += [panel] if panel.is_file() else []
-    paired = pair_up(results)
     # The depth maps are the cached "y" of the token features: no second pass over the .mat.
     kw = {"batch_size": cfg.eval_depth.batch_size, "cache_dir": ctx.cache_dir}
     d_train = extract(ctx.encoders["ijepa"], train, "tokens", **kw)["y"].float()
     d_test = extract(ctx.encoders["ijepa"], test, "tokens", **kw)["y"].float()
-    metrics, chosen = common.split_hparams(results)
+    metrics, chosen = common.split_results(results)
     metrics["mean_depth"] = evaluate_mean_depth(d_train, d_test, cfg.eval_depth)
-    metrics["paired"] = paired
     params = {**common.section_params(cfg.eval_depth, NAME), "chosen": chosen, "n_train": len(train),
               "n_test": len(test)}
     common.finish(cfg, ctx, NAME, metrics, params, panels)

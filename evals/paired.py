@@ -38,31 +38,34 @@ def mcnemar_p(a_only: int, b_only: int) -> float:
     return min(1.0, 2 * total / 2**n)
 
 
+def _paired(d: Tensor) -> dict[str, float]:
+    """Per-item differences d (n,), positive where a did better -> mean, its 95 % interval (normal
+    approximation), the two-sided binomial p on the items where d != 0, n."""
+    n = len(d)
+    margin = d.mean().item()
+    half = 1.959964 * d.std().item() / math.sqrt(n) if n > 1 else math.nan
+    return {"margin": margin, "ci95_low": margin - half, "ci95_high": margin + half,
+            "p_value": mcnemar_p(int((d > 0).sum()), int((d < 0).sum())), "n": n}
+
+
+def _check(a: Tensor, b: Tensor, what: str) -> None:
+    if a.shape != b.shape or len(a) == 0:
+        raise ValueError(f"paired {what} must have the same non-zero length; got {len(a)} and {len(b)}")
+
+
 def paired_margin(hits_a: Tensor, hits_b: Tensor) -> dict[str, float]:
     """hits (n,) bool for the same n items -> margin a - b (points), its 95 % interval, McNemar p, n."""
     a, b = hits_a.bool().flatten(), hits_b.bool().flatten()
-    if a.shape != b.shape or len(a) == 0:
-        raise ValueError(f"paired hits must have the same non-zero length; got {len(a)} and {len(b)}")
-    d = a.double() - b.double()
-    n = len(d)
-    margin = 100 * d.mean().item()
-    half = 100 * 1.959964 * d.std().item() / math.sqrt(n) if n > 1 else math.nan
-    return {"margin": margin, "ci95_low": margin - half, "ci95_high": margin + half,
-            "p_value": mcnemar_p(int((a & ~b).sum()), int((b & ~a).sum())), "n": n}
+    _check(a, b, "hits")
+    return _paired(100 * (a.double() - b.double()))  # McNemar: the binomial test on the discordant items
 
 
 def paired_errors(err_a: Tensor, err_b: Tensor) -> dict[str, float]:
     """Per-item errors (n,) of a and b on the same items -> margin mean(b - a) (positive: a better), its
     95 % interval, the two-sided sign-test p-value, n."""
     a, b = err_a.double().flatten(), err_b.double().flatten()
-    if a.shape != b.shape or len(a) == 0:
-        raise ValueError(f"paired errors must have the same non-zero length; got {len(a)} and {len(b)}")
-    d = b - a
-    n = len(d)
-    margin = d.mean().item()
-    half = 1.959964 * d.std().item() / math.sqrt(n) if n > 1 else math.nan
-    return {"margin": margin, "ci95_low": margin - half, "ci95_high": margin + half,
-            "p_value": mcnemar_p(int((d > 0).sum()), int((d < 0).sum())), "n": n}
+    _check(a, b, "errors")
+    return _paired(b - a)
 
 
 PER_ITEM = {HITS: ("top1", paired_margin), ERRORS: ("abs_rel", paired_errors)}  # key -> (figure, test)

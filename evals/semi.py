@@ -17,7 +17,6 @@ from torch.utils.data import Dataset, Subset
 from evals import common
 from evals.features import VIEWS, cached, extract
 from evals.linear import imagenet_splits, num_classes
-from evals.paired import pair_up
 from evals.probe import linear_probe
 from pipeline.config import Config, ProbeConfig
 from pipeline.errors import PipelineError
@@ -68,9 +67,7 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
     results = {name: evaluate_semi(enc, train, val, subset, cfg.eval_semi, cache_dir=ctx.cache_dir,
                                    num_workers=cfg.data.num_workers, hits=True)
                for name, enc in ctx.encoders.items()}
-    paired = pair_up(results)
-    metrics, chosen = common.split_hparams(results)
-    metrics["paired"] = paired
+    metrics, chosen = common.split_results(results)
     params = {**common.section_params(cfg.eval_semi, NAME), "chosen": chosen, "n_subset": len(subset),
               "subset_file": str(subset_file), "n_val": len(val)}
     common.finish(cfg, ctx, NAME, metrics, params)
