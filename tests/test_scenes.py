@@ -1,5 +1,10 @@
 """Procedural 3-D scene renderer: shapes, determinism, layout invariants, multiprocessing."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -25,6 +30,32 @@ def test_deterministic_bytes():
     assert a.objects == b.objects
     assert a.image.tobytes() != c.image.tobytes()
     assert render_scene(8, 5).image.tobytes() != a.image.tobytes()
+
+
+_DIGEST = """
+import hashlib, json
+from pipeline.data.scenes import render_scene
+h = hashlib.sha256()
+for i in range(8):
+    s = render_scene(0, i, 32)
+    h.update(s.image.tobytes()); h.update(s.depth.tobytes()); h.update(json.dumps(s.objects).encode())
+print(h.hexdigest())
+"""
+
+
+def test_bytes_do_not_depend_on_the_blas_kernel():
+    """DVC tracks the export by hash: images, depth and the CLEVR scene records (pixel_coords) must not move
+    with OpenBLAS's kernel choice or thread count. With `@` in the renderer, Haswell, Prescott and the
+    machine's own kernel gave three different digests (the objects' pixel_coords differed in the last bits)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OPENBLAS")}
+    base["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    digests = {}
+    for extra in ({}, {"OPENBLAS_CORETYPE": "Haswell"}, {"OPENBLAS_CORETYPE": "Prescott"},
+                  {"OPENBLAS_NUM_THREADS": "1"}):
+        proc = subprocess.run([sys.executable, "-c", _DIGEST], env={**base, **extra}, capture_output=True,
+                              text=True, check=True)
+        digests[str(extra)] = proc.stdout.strip()
+    assert len(set(digests.values())) == 1, digests
 
 
 def test_counts_depth_closest_labels(scenes):

@@ -15,8 +15,12 @@ Each pixel casts one primary ray; the nearest hit wins (z-buffer), so occlusion 
 Lambert + Blinn-Phong specular with hard shadows (a shadow ray per pixel to one point light).
 
 Determinism: everything comes from ``np.random.default_rng([seed, index])``; output is byte-identical
-per (seed, index). The class of scene ``index`` is ``index % 8`` (exactly balanced over any 8
-consecutive indices). Every object is visible (at least ``min_visible_pixels`` pixels in the
+per (seed, index), on every machine. DVC tracks the export by hash, so no BLAS call (``@``, ``dot``,
+``einsum``, ``linalg.norm``) is made: their kernels (chosen by CPU, ``OPENBLAS_CORETYPE``, thread count)
+round differently in the last bits (seen in the objects' ``pixel_coords``; an edge pixel or a hit test
+could move too). Dot products and 3x3 products are written out component by component (`_dot`, `_mul`):
+a fixed order of elementwise operations. The class of scene ``index`` is ``index % 8`` (exactly balanced
+over any 8 consecutive indices). Every object is visible (at least ``min_visible_pixels`` pixels in the
 object-id buffer); otherwise the layout is redrawn keeping class and count.
 """
 
@@ -46,6 +50,22 @@ _AREA_SCALE = {"sphere": 1.09, "cube": 0.88, "cylinder": 0.96, "cone": 1.04, "py
                "capsule": 1.10, "star_prism": 0.94, "octahedron": 1.26}
 
 
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise dot product of (..., 3) arrays (broadcast), summed in a fixed order: (...)."""
+    return a[..., 0] * b[..., 0] + a[..., 1] * b[..., 1] + a[..., 2] * b[..., 2]
+
+
+def _norm(a: np.ndarray) -> np.ndarray:
+    """Row-wise Euclidean norm of (..., 3): (...)."""
+    return np.sqrt(_dot(a, a))
+
+
+def _mul(x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """x @ m without BLAS: x (n, 3) or (3,), m (3, k) -> (n, k) or (k,), summed over the 3 in a fixed order."""
+    x = np.asarray(x, float)
+    return x[..., 0, None] * m[0] + x[..., 1, None] * m[1] + x[..., 2, None] * m[2]
+
+
 @dataclass
 class Scene:
     image: np.ndarray  # (H, W, 3) uint8
@@ -69,7 +89,7 @@ def _prism_planes(n: int, r: float, y0: float, y1: float, rot: float = 0.0):
 def _pyramid_planes(n: int, a: float, h: float, rot: float = 0.0):
     th = rot + 2 * np.pi * np.arange(n) / n
     nrm = np.stack([h * np.cos(th), np.full(n, a), h * np.sin(th)], 1)
-    ln = np.linalg.norm(nrm, axis=1)
+    ln = _norm(nrm)
     nrm = nrm / ln[:, None]
     d = a * h / ln
     return np.concatenate([nrm, [[0, -1, 0]]]), np.concatenate([d, [0.0]])
@@ -119,9 +139,9 @@ def _make_parts(shape: str, s: float):
 
 
 def _hit_planes(o, v, nrm, d):
-    den = v @ nrm.T
+    den = _mul(v, nrm.T)
     den = np.where(np.abs(den) < 1e-12, 1e-12, den)
-    t = (d - o @ nrm.T) / den
+    t = (d - _mul(o, nrm.T)) / den
     t_in = np.where(den < 0, t, -np.inf)
     k = np.argmax(t_in, axis=1)
     t_enter = np.take_along_axis(t_in, k[:, None], 1)[:, 0]
@@ -132,8 +152,8 @@ def _hit_planes(o, v, nrm, d):
 
 def _hit_sphere(o, v, c, r):
     oc = o - c
-    b = np.einsum("ij,ij->i", oc, v)
-    cc = np.einsum("ij,ij->i", oc, oc) - r * r
+    b = _dot(oc, v)
+    cc = _dot(oc, oc) - r * r
     disc = b * b - cc
     t = -b - np.sqrt(np.maximum(disc, 0))
     t = np.where((disc > 0) & (t > _EPS), t, np.inf)
@@ -147,21 +167,21 @@ class _Obj:
         c, s = np.cos(yaw), np.sin(yaw)
         self.R = np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])  # local -> world
         self.pos = np.asarray(pos, float)
-        self.bcen = self.pos + self.R @ bc
+        self.bcen = self.pos + _mul(bc, self.R.T)
 
     def to_local(self, p):
-        return (p - self.pos) @ self.R
+        return _mul(p - self.pos, self.R)
 
     def hit(self, o, v, need_normal=True):
         """Return (idx, t, normal) for the rays in ``idx`` that meet the bounding sphere."""
         oc = o - self.bcen
-        b = np.einsum("ij,ij->i", oc, v)
-        disc = b * b - (np.einsum("ij,ij->i", oc, oc) - self.brad**2)
+        b = _dot(oc, v)
+        disc = b * b - (_dot(oc, oc) - self.brad**2)
         idx = np.nonzero(disc > 0)[0]
         if len(idx) == 0:
             return idx, np.zeros(0), np.zeros((0, 3))
-        lo = (o[idx] - self.pos) @ self.R
-        lv = v[idx] @ self.R
+        lo = _mul(o[idx] - self.pos, self.R)
+        lv = _mul(v[idx], self.R)
         tb = nb = None
         for part in self.parts:
             if part[0] == "planes":
@@ -175,7 +195,7 @@ class _Obj:
                 tb = np.where(better, tp, tb)
                 if need_normal:
                     nb = np.where(better[:, None], npart, nb)
-        return idx, tb, (nb @ self.R.T if need_normal else None)
+        return idx, tb, (_mul(nb, self.R.T) if need_normal else None)
 
 
 # ---------------------------------------------------------------- scene
@@ -207,9 +227,9 @@ def _camera(rng, image_size):
 def _project(p, cam, image_size):
     o, fwd, right, up, f = cam
     q = p - o
-    z = q @ fwd
-    u = (q @ right) * f / z
-    w = (q @ up) * f / z
+    z = _dot(q, fwd)
+    u = _dot(q, right) * f / z
+    w = _dot(q, up) * f / z
     return (u + 0.5) * image_size, (0.5 - w) * image_size, z
 
 
@@ -219,7 +239,7 @@ def _render(layout, cam, image_size, light, room):
     js = (np.arange(n) + 0.5) / n - 0.5
     U, W = np.meshgrid(js, -js)
     v = fwd[None] * f + U.reshape(-1, 1) * right[None] + W.reshape(-1, 1) * up[None]
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    v /= _norm(v)[:, None]
     orig = np.broadcast_to(o, v.shape)
     npx = len(v)
     # room: floor y=0 and wall z=WALL_Z
@@ -258,9 +278,9 @@ def _render(layout, cam, image_size, light, room):
         shin[m] = 60.0 if metal else 10.0
     # lighting with shadow rays
     L = light - P
-    dist = np.linalg.norm(L, axis=1)
+    dist = _norm(L)
     L /= dist[:, None]
-    ndl = np.einsum("ij,ij->i", nrm, L)
+    ndl = _dot(nrm, L)
     so = P + nrm * 1e-3
     lit = ndl > 0
     idx = np.nonzero(lit)[0]
@@ -274,13 +294,13 @@ def _render(layout, cam, image_size, light, room):
         shadow[idx] = sh
     vis = (~shadow) & lit
     H = L - v
-    H /= np.linalg.norm(H, axis=1, keepdims=True) + 1e-12
-    ndh = np.clip(np.einsum("ij,ij->i", nrm, H), 0, 1)
+    H /= _norm(H)[:, None] + 1e-12
+    ndh = np.clip(_dot(nrm, H), 0, 1)
     diff = np.where(vis, ndl, 0.0)
     spec = np.where(vis, spec_k * ndh**shin, 0.0)
     col = base * (room["ambient"] + room["diffuse"] * diff[:, None]) + spec[:, None]
     img = (np.clip(col, 0, 1) ** (1 / 2.2) * 255 + 0.5).astype(np.uint8).reshape(n, n, 3)
-    depth = np.clip(t * (v @ fwd), 0, MAX_DEPTH).astype(np.float32).reshape(n, n)
+    depth = np.clip(t * _dot(v, fwd), 0, MAX_DEPTH).astype(np.float32).reshape(n, n)
     counts = np.bincount(ids[ids >= 0], minlength=len(layout))
     return img, depth, counts
 
