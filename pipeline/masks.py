@@ -17,20 +17,26 @@ Equal lengths without positional bias: masks in a batch differ in size, but a te
 The official code keeps the *first* k indices of each mask, which biases what survives toward the top-left.
 Here each mask keeps a uniformly random subset of size k (one sort of packed random keys), then sorts it.
 ``Kc`` is the minimum context size over the batch; ``Kt`` is the minimum over the batch *and* the M blocks
-(one length for the whole (B, M, Kt) tensor).
+(one length for the whole (B, M, Kt) tensor). For ``multiblock`` every target block of a batch has the
+same shape, so ``Kt = h * w`` and nothing of a target is dropped.
 
 Strategies (``cfg.strategy``):
 
-* ``multiblock`` (the paper's): per image, M = ``num_targets`` target blocks with scale ~ U(pred_scale),
-  aspect ~ U(pred_aspect); one context block with scale ~ U(enc_scale), aspect ~ U(enc_aspect); the context
-  is the context block minus every target patch (unless ``allow_overlap``). Block sizes are
+* ``multiblock`` (the paper's): per BATCH, one target block shape (scale ~ U(pred_scale), aspect ~
+  U(pred_aspect)) and one context block shape (scale ~ U(enc_scale), aspect ~ U(enc_aspect)), as the official
+  collator draws them; per image, M = ``num_targets`` target blocks and one context block of those shapes at
+  independent positions; the context is the context block minus every target patch (unless
+  ``allow_overlap``). Drawing a shape per block instead and truncating every block to the batch's smallest
+  (this code until 2026-12) returned 25.6 target patches per block where the paper's scale 0.15-0.2 of a
+  14x14 grid means 34.3: the targets were ~25 % too small. Block sizes are
   ``h = round(sqrt(scale*N*aspect))``, ``w = round(sqrt(scale*N/aspect))`` clipped to the grid; the top-left
   corner is uniform on ``0..H-h`` and ``0..W-w`` inclusive, so the last row/column can be covered (the
   official ``randint(0, H - h)`` never covers them). Everything is vectorised over the batch.
-  If an image's context has fewer than ``min_keep`` patches, all its blocks are resampled, vectorised over
-  the failing images only, up to ``MAX_RETRIES`` rounds; images still failing then take the whole
-  complement of their targets as context (the context block grows to the full grid), and if even that is
-  below ``min_keep`` a ``ValueError`` names the infeasible config.
+  If an image's context has fewer than ``min_keep`` patches, all its blocks are placed anew (same shapes),
+  vectorised over the failing images only, up to ``MAX_RETRIES`` rounds; images still failing then take the whole
+  complement of their targets as context (the context block grows to the full grid); if even that is
+  below ``min_keep``, the batch draws new shapes (up to ``MAX_SHAPE_DRAWS`` times: only configs near the
+  limit get there, and they lean toward smaller targets), then a ``ValueError`` names the infeasible config.
 * ``random``: a uniformly random 60% of the patches is the one target (M = 1), the rest the context.
 * ``block``: one square target block of scale 0.6 at a uniformly random position (M = 1); the context is
   its complement.
@@ -54,6 +60,7 @@ from torch.utils.data import default_collate
 from pipeline.config import MaskConfig
 
 MAX_RETRIES = 20
+MAX_SHAPE_DRAWS = 10
 RANDOM_TARGET_FRACTION = 0.6
 BLOCK_TARGET_SCALE = 0.6
 
@@ -241,6 +248,20 @@ class MaskCollator:
         return enc, pred, None
 
     def _multiblock(self, rng: np.random.Generator, B: int) -> tuple[np.ndarray, np.ndarray, tuple]:
+        cfg = self.cfg
+        for _ in range(MAX_SHAPE_DRAWS):
+            ph, pw = _block_sizes(rng, 1, self.grid, cfg.pred_scale, cfg.pred_aspect)  # one shape per batch
+            eh, ew = _block_sizes(rng, 1, self.grid, cfg.enc_scale, cfg.enc_aspect)
+            out = self._multiblock_placed(rng, B, int(ph[0]), int(pw[0]), int(eh[0]), int(ew[0]))
+            if out is not None:
+                return out
+        raise ValueError(f"mask config {cfg} on grid {self.grid} cannot keep mask.min_keep = "
+                         f"{cfg.min_keep} context patches")
+
+    def _multiblock_placed(self, rng: np.random.Generator, B: int, ph: int, pw: int, eh: int,
+                           ew: int) -> tuple[np.ndarray, np.ndarray, tuple] | None:
+        """Blocks of the batch's shapes at positions per image, or None if some image cannot keep min_keep
+        context patches even with the whole complement of its targets (the caller draws new shapes)."""
         cfg, M, N = self.cfg, self.num_blocks, self.num_patches
         enc = np.zeros((B, N), bool)
         pred = np.zeros((B, M, N), bool)
@@ -248,11 +269,10 @@ class MaskCollator:
         todo = np.arange(B)
         for _ in range(MAX_RETRIES + 1):
             n = len(todo)
-            h, w = _block_sizes(rng, n * M, self.grid, cfg.pred_scale, cfg.pred_aspect)
+            h, w = np.full(n * M, ph, np.int64), np.full(n * M, pw, np.int64)
             p, top, left = _place(rng, h, w, self.grid)
             p = p.reshape(n, M, N)
-            eh, ew = _block_sizes(rng, n, self.grid, cfg.enc_scale, cfg.enc_aspect)
-            e = _place(rng, eh, ew, self.grid)[0]
+            e = _place(rng, np.full(n, eh, np.int64), np.full(n, ew, np.int64), self.grid)[0]
             if not cfg.allow_overlap:
                 e &= ~p.any(1)
             if n == B:  # the common first round: no scatter
@@ -266,8 +286,7 @@ class MaskCollator:
         else:  # fallback: the whole complement of the targets as context
             enc[todo] = ~pred[todo].any(1) if not cfg.allow_overlap else True
             if (enc[todo].sum(1) < cfg.min_keep).any():
-                raise ValueError(f"mask config {cfg} on grid {self.grid} cannot keep mask.min_keep = "
-                                 f"{cfg.min_keep} context patches")
+                return None
         return enc, pred, tuple(geom.reshape(4, B * M))
 
     # ------------------------------------------------------------------------------------------ public

@@ -35,7 +35,12 @@ def linear(step: int, total: int, start: float, end: float) -> float:
 
 @dataclass(frozen=True)
 class Schedules:
-    """All per-step schedules; total steps = ipe_scale * epochs * steps_per_epoch, as officially."""
+    """All per-step schedules; total steps = ipe_scale * epochs * steps_per_epoch, as officially.
+
+    `step` is the 0-based optimiser step. The official loop advances its lr and weight-decay schedulers
+    BEFORE using them (`scheduler.step()` opens each iteration), so iteration k runs with f(k + 1); its EMA
+    momentum comes from a generator read after the optimiser step, so iteration k uses m(k). Same here.
+    """
 
     optim: OptimConfig
     steps_per_epoch: int
@@ -51,10 +56,10 @@ class Schedules:
 
     def lr(self, step: int) -> float:
         o = self.optim
-        return warmup_cosine(step, self.warmup_steps, self.total_steps, o.start_lr, o.lr, o.final_lr)
+        return warmup_cosine(step + 1, self.warmup_steps, self.total_steps, o.start_lr, o.lr, o.final_lr)
 
     def wd(self, step: int) -> float:
-        return cosine(step, self.total_steps, self.optim.weight_decay, self.optim.final_weight_decay)
+        return cosine(step + 1, self.total_steps, self.optim.weight_decay, self.optim.final_weight_decay)
 
     def momentum(self, step: int) -> float:
         return linear(step, self.total_steps, *self.optim.ema)

@@ -211,3 +211,20 @@ def test_random_subset_is_uniform_over_valid_columns():
     freq = np.bincount(idx.ravel().astype(np.int64), minlength=40) / 20000
     assert freq[~valid[0]].sum() == 0
     assert np.abs(freq[valid[0]] - 0.3).max() < 0.015  # 4.6 sigma of a binomial(20000, 0.3) share
+
+
+def test_target_blocks_keep_the_configured_scale():
+    """Paper settings (14x14 grid, batch 128): the returned target blocks hold scale 0.15-0.2 of the grid,
+    34.3 patches on average. Drawing a shape per block and truncating to the batch's smallest returned 25.6."""
+    cfg = MaskConfig()
+    col = MaskCollator(cfg, (14, 14), seed=0)
+    kt = []
+    for step in range(200):
+        enc_b, pred_b = col.sample_boolean(128, step)
+        sizes = pred_b.sum(-1)
+        assert (sizes == sizes[0, 0]).all(), "one target shape per batch, as the official collator"
+        _, pred = col.sample(128, step)
+        assert pred.shape[2] == sizes[0, 0]  # nothing of a target block is dropped
+        kt.append(pred.shape[2])
+    want = np.mean(cfg.pred_scale) * 196
+    assert abs(np.mean(kt) / want - 1) < 0.02, (np.mean(kt), want)

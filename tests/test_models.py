@@ -103,6 +103,23 @@ def test_encoder_gradients():
     assert enc.pos_embed.grad is None
 
 
+def test_init_is_the_official_one():
+    """Official I-JEPA init: every linear and the patch conv trunc-normal(0.02) with zero bias; block l's
+    attn.proj and mlp.fc2 weights divided by sqrt(2 l) (encoder and predictor)."""
+    torch.manual_seed(0)
+    enc = build_encoder(ModelConfig(name="vit_small", patch_size=8, pred_depth=4, pred_emb_dim=192), 64)
+    conv = enc.patch_embed.proj
+    assert torch.count_nonzero(conv.bias) == 0
+    assert abs(conv.weight.std().item() - 0.02) < 0.001  # PyTorch's default: uniform, std ~ 0.012 here
+    pred = Predictor(8, 384, 192, depth=4, num_heads=6)
+    for blocks in (enc.blocks, pred.predictor_blocks):
+        for layer, blk in enumerate(blocks, start=1):
+            for w in (blk.attn.proj.weight, blk.mlp.fc2.weight):
+                assert abs(w.std().item() / (0.02 / (2 * layer) ** 0.5) - 1) < 0.05, layer
+            assert abs(blk.attn.qkv.weight.std().item() - 0.02) < 0.001
+            assert torch.count_nonzero(blk.attn.qkv.bias) == 0
+
+
 def test_predictor_shapes_and_gradients():
     torch.manual_seed(0)
     pred = Predictor(4, 192, 32, depth=2, num_heads=4)

@@ -8,6 +8,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.masks import MaskCollator
+from pipeline.schedules import Schedules, warmup_cosine
 from pipeline.train import (
     CURVE_COLUMNS,
     MaskCollate,
@@ -79,7 +80,11 @@ def test_run_reports_history_checkpoints_and_done(cfg):
     assert [r["step"] for r in history] == [1, 2, 3, 4, 5, 6]
     assert set(history[0]) == set(CURVE_COLUMNS)
     assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in history)
-    assert history[0]["lr"] == pytest.approx(cfg.optim.start_lr)  # warmup starts at start_lr
+    # the first step runs with the schedule's value at 1, as the official loop (it steps its scheduler first)
+    sched = Schedules(cfg.optim, steps_per_epoch=3, epochs=2)
+    assert history[0]["lr"] == pytest.approx(warmup_cosine(1, sched.warmup_steps, 6, cfg.optim.start_lr,
+                                                           cfg.optim.lr, cfg.optim.final_lr))
+    assert history[0]["lr"] > cfg.optim.start_lr
     assert [r["epoch"] for r in rec.reports if "epoch_loss" in r] == [1, 2]
     assert rec.reports[-1] == done  # the summary travels with the last checkpoint
     assert done["final_loss"] == history[-1]["loss"]

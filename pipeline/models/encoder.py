@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor
+from torch import Tensor, nn
 
 from pipeline.config import ENCODER_PRESETS, ModelConfig
 from pipeline.errors import PipelineError
@@ -38,7 +39,12 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int | None = None) -> Ten
 
 
 class Encoder(VisionTransformer):
-    """timm ViT without class token or head; `forward(x, keep_idx)` encodes only the kept patches."""
+    """timm ViT without class token or head; `forward(x, keep_idx)` encodes only the kept patches.
+
+    Initialised as the official I-JEPA encoder: linear weights trunc-normal(0.02) with zero biases, the
+    patch-embedding conv too (timm leaves it at PyTorch's uniform default with a non-zero bias), and each
+    block's attn.proj / mlp.fc2 weights divided by sqrt(2 * layer) (`fix_init`).
+    """
 
     def __init__(self, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
                  mlp_ratio: float = 4.0, drop_path_rate: float = 0.0):
@@ -46,7 +52,7 @@ class Encoder(VisionTransformer):
         super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                          num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, class_token=False,
                          global_pool="avg", num_classes=0, fc_norm=False, drop_path_rate=drop_path_rate,
-                         weight_init="skip" if on_meta else "")
+                         weight_init="skip" if on_meta else "", fix_init=True)
         self.patch_size = patch_size
         self.grid_size = tuple(self.patch_embed.grid_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
@@ -54,6 +60,8 @@ class Encoder(VisionTransformer):
         if not on_meta:
             with torch.no_grad():
                 self.pos_embed.copy_(sincos_pos_embed_2d(embed_dim, *self.grid_size).unsqueeze(0))
+                trunc_normal_(self.patch_embed.proj.weight, std=0.02)
+                nn.init.zeros_(self.patch_embed.proj.bias)
 
     def _tokens(self, x: Tensor, keep_idx: Tensor | None) -> Tensor:
         x = self.patch_embed(x) + self.pos_embed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
@@ -14,7 +16,8 @@ from pipeline.models.encoder import sincos_pos_embed_2d
 
 class Predictor(nn.Module):
     """Names follow the official `VisionTransformerPredictor`: predictor_embed, mask_token,
-    predictor_pos_embed, predictor_blocks, predictor_norm, predictor_proj."""
+    predictor_pos_embed, predictor_blocks, predictor_norm, predictor_proj. Initialised as it: linear
+    weights trunc-normal(0.02), zero biases, each block's attn.proj / mlp.fc2 weights / sqrt(2 * layer)."""
 
     def __init__(self, num_patches_grid: int | tuple[int, int], embed_dim: int, pred_emb_dim: int,
                  depth: int, num_heads: int, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0):
@@ -36,6 +39,10 @@ class Predictor(nn.Module):
                 self.predictor_pos_embed.copy_(sincos_pos_embed_2d(pred_emb_dim, gh, gw).unsqueeze(0))
             trunc_normal_(self.mask_token, std=0.02)
             self.apply(self._init)
+            with torch.no_grad():
+                for layer, blk in enumerate(self.predictor_blocks, start=1):
+                    blk.attn.proj.weight.div_(math.sqrt(2.0 * layer))
+                    blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
     @staticmethod
     def _init(m: nn.Module) -> None:
