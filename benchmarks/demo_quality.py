@@ -96,8 +96,13 @@ def probe(encoder: torch.nn.Module, xtr: torch.Tensor, xva: torch.Tensor, d: dic
     return out
 
 
-def pretrain(cfg, xtr: torch.Tensor, steps: int) -> tuple[torch.nn.Module, dict[str, float]]:
-    """I-JEPA on `xtr` (n, 3, S, S) for `steps` rounded to whole epochs; (model, timing and final loss)."""
+def pretrain(cfg, xtr: torch.Tensor, steps: int, at: dict[int, callable] | None = None
+             ) -> tuple[torch.nn.Module, dict[str, float]]:
+    """I-JEPA on `xtr` (n, 3, S, S) for `steps` rounded to whole epochs; (model, timing and final loss).
+
+    `at` maps step counts to callbacks `fn(model)` run after that many steps (a learning curve on one
+    schedule); their time is not counted in `train_s`.
+    """
     import torchvision.transforms.v2 as T
 
     S, B = cfg.data.image_size, cfg.pretrain.batch_size
@@ -109,13 +114,19 @@ def pretrain(cfg, xtr: torch.Tensor, steps: int) -> tuple[torch.nn.Module, dict[
     sched = Schedules(cfg.optim, steps_per_epoch, max(1, round(steps / steps_per_epoch)))
     opt = build_optimizer(model, cfg.optim)
     model.train()
-    t0, losses = time.perf_counter(), []
+    t0, losses, paused = time.perf_counter(), [], 0.0
     for step in range(sched.total_steps):
         idx = torch.randint(0, len(xtr), (B,))
         masks_enc, masks_pred = collator.sample(B, step)
         out = train_step(model, opt, sched, step, torch.stack([aug(xtr[i]) for i in idx]), masks_enc, masks_pred)
         losses.append(out.loss.item())
-    wall = time.perf_counter() - t0
+        if at and step + 1 in at:
+            t_cb = time.perf_counter()
+            with torch.random.fork_rng(devices=[]):
+                at[step + 1](model)
+            model.train()
+            paused += time.perf_counter() - t_cb
+    wall = time.perf_counter() - t0 - paused
     return model, {"steps": sched.total_steps, "train_s": round(wall, 1),
                    "images_per_s": round(sched.total_steps * B / wall, 1),
                    "final_loss": round(float(np.mean(losses[-10:])), 4)}
@@ -151,6 +162,9 @@ def main() -> None:
     ap.add_argument("--random-seeds", type=int, default=0, metavar="K",
                     help="also probe K more random inits (seeds pretrain.seed+2..): mean, std, min and max of "
                          "each figure, the band a pretrained score has to leave to count as a gain")
+    ap.add_argument("--curve", type=int, nargs="*", default=[], metavar="STEP",
+                    help="also probe the target encoder after these steps of the first seed's schedule "
+                         "(where does the early dip end?)")
     ap.add_argument("--grey", action="store_true",
                     help="also probe the count on grey-level images (target and random encoders), where the "
                          "colour-diversity cue of benchmarks/count_cues.py is gone")
@@ -169,7 +183,12 @@ def main() -> None:
         runs = []
         for i in range(args.seeds):
             seed_cfg = cfg.replace(**{"pretrain.seed": cfg.pretrain.seed + i})
-            m, stats = pretrain(seed_cfg, xtr, args.steps)
+            curve: dict[int, dict[str, float]] = {}
+            at = {k: (lambda mdl, k=k, c=curve: c.__setitem__(k, probe(mdl.target_encoder, xtr, xva, d)))
+                  for k in (args.curve if i == 0 else [])}
+            m, stats = pretrain(seed_cfg, xtr, args.steps, at)
+            if curve:
+                stats["curve"] = curve
             if i == 0:
                 model = m  # the first seed's: the one the --grey probe reads
             runs.append({"seed": seed_cfg.pretrain.seed, **stats, "target": probe(m.target_encoder, xtr, xva, d),

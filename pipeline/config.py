@@ -198,15 +198,18 @@ class PretrainConfig:
     max_failures: int = 1
     log_every: int = 10  # steps
     bf16: bool = True  # autocast on GPU only
-    collapse_std_min: float = 0.01  # std of target features across the batch
-    collapse_rank_min: float = 2.0  # RankMe effective rank of pooled embeddings
+    collapse_std_min: float = 0.01  # std across images of the pooled target features (diagnostics batch)
+    collapse_rank_min: float = 2.0  # RankMe of the centred pooled target features (diagnostics batch)
+    diag_every: int = 500  # steps between collapse/shortcut diagnostics (pipeline/diagnostics.py), and the last
+    diag_images: int = 256  # the fixed diagnostics batch: held-out (val) images; 0 turns diagnostics off
     out_dir: str = "models"
 
     def __post_init__(self):
         _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        for key in ("checkpoint_every", "num_to_keep", "log_every"):
+        for key in ("checkpoint_every", "num_to_keep", "log_every", "diag_every"):
             _check(getattr(self, key) >= 1, key, getattr(self, key), "an integer >= 1")
+        _check(self.diag_images >= 0, "diag_images", self.diag_images, "an integer >= 0 (0: no diagnostics)")
         _check(self.max_failures >= -1, "max_failures", self.max_failures, "an integer >= -1 (-1: unlimited)")
 
 
@@ -390,6 +393,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pretrain.batch_size": 64,
         "pretrain.checkpoint_every": 50,
         "pretrain.log_every": 5,
+        "pretrain.diag_every": 20,  # 256 held-out images: ~0.5 s each time on one core
         "eval_linear.epochs": 60,  # every train image (2,400); the 1% probe reuses their cached features
         "eval_semi.epochs": 60,
         "eval_clevr.epochs": 60,

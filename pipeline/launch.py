@@ -47,14 +47,24 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from pipeline import tracking
 from pipeline.config import Config, RayConfig
+from pipeline.diagnostics import DIAG_COLUMNS
 from pipeline.errors import PipelineError
 from pipeline.models.ijepa import build_ijepa
 from pipeline.models.io import save_encoder
-from pipeline.train import CURVE_COLUMNS, EpochEndFn, load_checkpoint, pretrain_dataset, set_threads, train_worker
+from pipeline.train import (
+    CURVE_COLUMNS,
+    EpochEndFn,
+    heldout_images,
+    load_checkpoint,
+    pretrain_dataset,
+    set_threads,
+    train_worker,
+)
 
 RUN_SECTIONS = ("data", "mask", "model", "optim", "pretrain")  # what a run learns from; not ray, not mlflow
 STATE_FILE = "pipeline.json"
@@ -130,14 +140,17 @@ def _worker_loop(config: dict[str, Any]) -> None:
     tracker = None
     if config.get("run_id") and rank == 0:
         tracker = tracking.RunLogger(config["tracking_uri"], config["run_id"])
+    heldout = config["heldout_fn"]() if rank == 0 and config.get("heldout_fn") else None
     train_worker(cfg, config["dataset_fn"](), _reporter(config.get("stop_file")), restore=restore, tracker=tracker,
-                 max_epochs=config.get("max_epochs"), device=device, epoch_end=config.get("epoch_end"))
+                 max_epochs=config.get("max_epochs"), device=device, epoch_end=config.get("epoch_end"),
+                 heldout=heldout)
 
 
 def build_trainer(cfg: Config, dataset_fn: Callable[[], Dataset], name: str, storage_path: str | Path, *,
                   tracking_uri: str | None = None, run_id: str | None = None, max_epochs: int | None = None,
                   stop_file: str | Path | None = None, callbacks: Sequence[Any] = (),
-                  epoch_end: EpochEndFn | None = None) -> TorchTrainer:
+                  epoch_end: EpochEndFn | None = None,
+                  heldout_fn: Callable[[], Tensor | None] | None = None) -> TorchTrainer:
     """A TorchTrainer running `train_worker` on `cfg.ray.num_workers` workers.
 
     `dataset_fn()` builds the dataset inside each worker (picklable: a module-level function or a
@@ -145,6 +158,7 @@ def build_trainer(cfg: Config, dataset_fn: Callable[[], Dataset], name: str, sto
     `stop_file` (JSON with `nan_step`) when given. A Tune trial passes
     `callbacks=[TuneReportCallback()]` and `max_epochs` (its budget); the reports then reach Tune.
     `epoch_end(model, epoch)` runs on rank 0 after each epoch, its metrics joining the epoch's report.
+    `heldout_fn()` (rank 0) gives the diagnostics batch (n, 3, S, S); None: a fixed batch of the train set.
     """
     r = cfg.ray
     scaling = ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
@@ -154,7 +168,8 @@ def build_trainer(cfg: Config, dataset_fn: Callable[[], Dataset], name: str, sto
                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.pretrain.num_to_keep))
     loop_config = {"cfg": cfg, "dataset_fn": dataset_fn, "run_id": run_id, "tracking_uri": tracking_uri,
                    "max_epochs": max_epochs, "stop_file": str(stop_file) if stop_file else None,
-                   "pid_dir": str(Path(storage_path).resolve() / name / PID_DIR), "epoch_end": epoch_end}
+                   "pid_dir": str(Path(storage_path).resolve() / name / PID_DIR), "epoch_end": epoch_end,
+                   "heldout_fn": heldout_fn}
     return TorchTrainer(_worker_loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
 
 
@@ -176,7 +191,8 @@ def pretrain(cfg: Config, root: str | Path | None = None,
              dataset_fn: Callable[[], Dataset] | None = None) -> dict[str, Any]:
     """Pretrain on Ray (or resume, or re-export a finished run), write the outputs; return the summary.
 
-    `dataset_fn` defaults to the ImageNet-format train split under `cfg.data` (tests pass a tiny one).
+    `dataset_fn` defaults to the ImageNet-format train split under `cfg.data` (tests pass a tiny one); the
+    diagnostics then run on held-out val images (`pipeline.train.heldout_images`).
     Raises PipelineError before any training when MLflow is unreachable or the data is missing, and
     when the loss stops being finite (naming the step; the last good checkpoint stays in the storage).
     """
@@ -186,6 +202,7 @@ def pretrain(cfg: Config, root: str | Path | None = None,
     state_file = storage / name / STATE_FILE
     uri = tracking.tracking_uri(cfg.mlflow, root)
     tracking.connect(cfg.mlflow, root)  # unreachable server: one-line error before anything starts
+    heldout_fn = functools.partial(heldout_images, cfg, str(root)) if dataset_fn is None else None
     dataset_fn = dataset_fn or functools.partial(pretrain_dataset, cfg, str(root))
     dataset_fn()  # missing or empty data: one-line error here, not inside a Ray worker
 
@@ -206,7 +223,7 @@ def pretrain(cfg: Config, root: str | Path | None = None,
             stop_file = storage / name / STOP_FILE
             stop_file.unlink(missing_ok=True)
             result = build_trainer(cfg, dataset_fn, name, storage, tracking_uri=uri, run_id=run_id,
-                                   stop_file=stop_file).fit()
+                                   stop_file=stop_file, heldout_fn=heldout_fn).fit()
             summary = dict(result.metrics or {})
             if stop_file.is_file():
                 nan_step = json.loads(stop_file.read_text())["nan_step"]
@@ -240,7 +257,7 @@ def _write_outputs(cfg: Config, root: Path, out_dir: Path, checkpoint_dir: Path,
                "steps": int(state["step"]), "epochs": cfg.pretrain.epochs, "batch_size": cfg.pretrain.batch_size,
                "images_per_s": float(summary.get("images_per_s", 0.0)), "wall_s": float(summary.get("wall_s", 0.0)),
                "final_target_std": float(last["target_std"]) if last is not None else None,
-               "final_rankme": float(last["rankme"]) if last is not None else None,
+               **_last_diagnostics(history),
                "num_workers": cfg.ray.num_workers, "resumed_from_step": int(summary.get("resumed_from", 0)),
                "retrained": bool(summary["retrained"]), "ray_run_name": name, "mlflow_run_id": run_id}
     csv_path, json_path = root / CURVE_CSV, root / METRICS_JSON
@@ -263,6 +280,15 @@ def _write_outputs(cfg: Config, root: Path, out_dir: Path, checkpoint_dir: Path,
     print(f"pretrain: {metrics['steps']} steps, final loss {metrics['final_loss']:.4f}, "
           f"{metrics['images_per_s']:.1f} img/s -> {encoder_dir}")
     return metrics
+
+
+def _last_diagnostics(history: pd.DataFrame) -> dict[str, float | None]:
+    """The last logged value of each diagnostics column (`pipeline.diagnostics`), None if never logged."""
+    out: dict[str, float | None] = {}
+    for col in DIAG_COLUMNS:
+        values = history[col].dropna() if col in history else []
+        out[col] = float(values.iloc[-1]) if len(values) else None
+    return out
 
 
 def _curves_png(cfg: Config, history: pd.DataFrame, path: Path) -> Path | None:

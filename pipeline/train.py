@@ -38,16 +38,18 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.config import Config
+from pipeline.diagnostics import DIAG_COLUMNS, alarms, diagnose
 from pipeline.errors import PipelineError
 from pipeline.masks import MaskCollator
-from pipeline.metrics import rankme
 from pipeline.models.ijepa import IJEPA, build_ijepa
 from pipeline.progress import progress
 from pipeline.schedules import Schedules
-from pipeline.step import build_optimizer, train_step
+from pipeline.step import autocast, build_optimizer, train_step
 
 CHECKPOINT_FILE = "state.pt"
-CURVE_COLUMNS = ("step", "loss", "lr", "wd", "momentum", "target_std", "rankme", "images_per_s")
+# Every log row has all columns; the diagnostics ones are NaN except every `pretrain.diag_every` steps.
+CURVE_COLUMNS = ("step", "loss", "lr", "wd", "momentum", "target_std", "images_per_s", *DIAG_COLUMNS)
+DIAG_MASK_STEP = 2**40  # the diagnostics batch's masks: MaskCollator.sample(n, DIAG_MASK_STEP), never a training step
 NO_BAD_STEP = 2**62
 
 
@@ -88,6 +90,29 @@ def pretrain_dataset(cfg: Config, root: str | Path) -> Dataset:
 
     return ImageNetFolder(dataset_paths(cfg.data, Path(root)).imagenet, "train",
                           train_transform(cfg.data.image_size), on_corrupt=cfg.data.on_corrupt)
+
+
+def heldout_images(cfg: Config, root: str | Path) -> Tensor | None:
+    """The diagnostics batch: `pretrain.diag_images` val images (n, 3, S, S), a fixed seeded choice, eval
+    transform; None when diagnostics are off or the data has no val split."""
+    from pipeline.data import ImageNetFolder, dataset_paths, eval_transform  # lazy: torchvision, file lists
+
+    n = cfg.pretrain.diag_images
+    if n == 0:
+        return None
+    try:
+        val = ImageNetFolder(dataset_paths(cfg.data, Path(root)).imagenet, "val", eval_transform(cfg.data.image_size),
+                             on_corrupt=cfg.data.on_corrupt)
+    except PipelineError:
+        return None
+    return fixed_batch(val, n, cfg.pretrain.seed)
+
+
+def fixed_batch(dataset: Dataset, n: int, seed: int) -> Tensor:
+    """min(n, len) images (k, 3, S, S) of `dataset` (items: image or (image, label)), a seeded choice."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 7919))  # type: ignore[arg-type]
+    items = [dataset[int(i)] for i in order[:n]]
+    return torch.stack([x[0] if isinstance(x, (tuple, list)) else x for x in items])
 
 
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
@@ -196,8 +221,13 @@ def _all_reduce(x: Tensor, op: Any = None) -> Tensor:
 
 def train_worker(cfg: Config, dataset: Dataset, report: ReportFn, *, restore: dict[str, Any] | None = None,
                  tracker: Tracker | None = None, max_epochs: int | None = None,
-                 device: torch.device | None = None, epoch_end: EpochEndFn | None = None) -> dict[str, Any]:
+                 device: torch.device | None = None, epoch_end: EpochEndFn | None = None,
+                 heldout: Tensor | None = None) -> dict[str, Any]:
     """Pretrain from `restore` (a `load_checkpoint` dict) or from scratch; return the final report.
+
+    Rank 0 runs `pipeline.diagnostics.diagnose` every `pretrain.diag_every` steps (and at the last) on
+    `heldout` (n, 3, S, S), the held-out diagnostics batch, or, when it is None, on a fixed batch of the
+    training set; the collapse alarm reads those figures. `pretrain.diag_images = 0` turns them off.
 
     Schedules span `cfg.pretrain.epochs`; `max_epochs` stops earlier (a Tune trial's budget). `report`
     gets metrics at every checkpoint (with the checkpoint directory on rank 0) and at every epoch end
@@ -234,7 +264,12 @@ def train_worker(cfg: Config, dataset: Dataset, report: ReportFn, *, restore: di
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
-    collate = MaskCollate(MaskCollator(cfg.mask, model.encoder.grid_size, p.seed), p.batch_size, rank, world)
+    collator = MaskCollator(cfg.mask, model.encoder.grid_size, p.seed)
+    collate = MaskCollate(collator, p.batch_size, rank, world)
+    diag_batch = None
+    if rank == 0 and p.diag_images > 0:
+        images = heldout if heldout is not None else fixed_batch(dataset, p.diag_images, p.seed)
+        diag_batch = (images.to(device), *(m.to(device) for m in collator.sample(len(images), DIAG_MASK_STEP)))
     items = StepItems(dataset)
     bad_step = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=device)
     epoch_loss = torch.full((), epoch_loss_restored, device=device)  # sum of this epoch's losses (this rank)
@@ -286,26 +321,31 @@ def train_worker(cfg: Config, dataset: Dataset, report: ReportFn, *, restore: di
                     stopped = {"step": step, "nan_step": nan_at, "finished": False}
                     report(stopped, None)
                     return stopped
-            if is_log:
+            is_diag = p.diag_images > 0 and (step % p.diag_every == 0 or step == stop)
+            if is_log or is_diag:
                 stats = _all_reduce(torch.stack([out.loss.float(), out.target_std.float()])) / world
                 now = time.perf_counter()
                 row = {"step": step, "loss": float(stats[0]), "lr": sched.lr(step - 1), "wd": sched.wd(step - 1),
                        "momentum": sched.momentum(step - 1), "target_std": float(stats[1]),
-                       "rankme": rankme(out.target_pooled),
-                       "images_per_s": (step - step_log) * p.batch_size / max(1e-9, now - t_log)}
-                t_log, step_log = now, step
+                       "images_per_s": (step - step_log) * p.batch_size / max(1e-9, now - t_log),
+                       **dict.fromkeys(DIAG_COLUMNS, float("nan"))}
+                if diag_batch is not None and is_diag:
+                    with torch.random.fork_rng(devices=[]), autocast(device, p.bf16):
+                        row.update(diagnose(model, *diag_batch))
+                t_log, step_log = time.perf_counter(), step  # the diagnostics' time is not training time
                 history.append(row)
                 if rank == 0:
                     if tracker is not None:
-                        tracker.log({k: v for k, v in row.items() if k != "step"}, step)
+                        tracker.log({k: v for k, v in row.items() if k != "step" and v == v}, step)  # no NaN
                     if bar is not None:
                         bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
-                    collapse_tagged = _collapse_alarm(cfg, row, tracker, collapse_tagged)
+                    if is_diag and diag_batch is not None:
+                        collapse_tagged = _collapse_alarm(cfg, row, tracker, collapse_tagged)
             metrics: dict[str, Any] = {}
             if step == epoch_start + spe:  # a full epoch ended: what a sweep compares
                 epoch_mean = float(_all_reduce(epoch_loss.clone()) / (world * spe))
-                metrics = {"epoch": epoch + 1, "epoch_loss": epoch_mean,
-                           "rankme": history[-1]["rankme"] if history else float("nan")}
+                diags = [r["rankme"] for r in history if r["rankme"] == r["rankme"]]
+                metrics = {"epoch": epoch + 1, "epoch_loss": epoch_mean, "rankme": diags[-1] if diags else float("nan")}
                 epoch_loss.zero_()
                 if epoch_end is not None and rank == 0:
                     with torch.random.fork_rng(devices=[]):  # a probe must not shift the training RNG
@@ -344,13 +384,12 @@ def _checkpoint(report: ReportFn, rank: int, model: IJEPA, opt: torch.optim.Opti
 
 
 def _collapse_alarm(cfg: Config, row: dict[str, float], tracker: Tracker | None, tagged: bool) -> bool:
-    """Warn (once per run) and tag the MLflow run when the target features collapse."""
+    """Warn (once per run) and tag the MLflow run when the diagnostics batch's target features collapse."""
     p = cfg.pretrain
-    low_std, low_rank = row["target_std"] < p.collapse_std_min, row["rankme"] < p.collapse_rank_min
-    if not (low_std or low_rank) or tagged:
+    found = alarms(row, p.collapse_std_min, p.collapse_rank_min)
+    if not found or tagged:
         return tagged
-    what = (f"step {row['step']}: target_std {row['target_std']:.4g} (min {p.collapse_std_min:g}), "
-            f"rankme {row['rankme']:.3g} (min {p.collapse_rank_min:g})")
+    what = f"step {row['step']}: " + ", ".join(found)
     print(f"warning: representation collapse? {what}", flush=True)
     if tracker is not None:
         tracker.tag("collapse", what)

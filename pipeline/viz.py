@@ -263,8 +263,13 @@ CURVE_LABELS = {
     "lr": "learning rate",
     "wd": "weight decay",
     "momentum": "EMA momentum (target encoder)",
-    "target_std": "target feature std (collapse if low)",
-    "rankme": "RankMe effective rank (collapse if low)",
+    "target_std": "target feature std, training batch",
+    "rankme": "RankMe, centred, held-out (collapse if low)",
+    "feature_std": "pooled feature std, held-out (collapse if low)",
+    "position_share": "variance share of patch position",
+    "image_share": "variance share of the image",
+    "heldout_loss": "held-out loss",
+    "trivial_loss": "context-mean predictor's loss",
     "images_per_s": "throughput (images / s)",
 }
 
@@ -274,7 +279,7 @@ def training_curves(history: pd.DataFrame, path: str | Path, *, collapse_std_min
     """One panel per curve against `step`: the columns of CURVE_LABELS that are present, in that order,
     then any other numeric column. Loss is log-scaled (when positive) with a moving average over long
     runs; `collapse_std_min` / `collapse_rank_min` (PretrainConfig's alarms) are dashed red lines on the
-    target_std / rankme panels.
+    feature_std / rankme panels.
     """
     if "step" not in history.columns:
         raise PipelineError(f"history columns {list(history.columns)} lack 'step'")
@@ -284,7 +289,7 @@ def training_curves(history: pd.DataFrame, path: str | Path, *, collapse_std_min
     if not cols:
         raise PipelineError(f"history columns {list(history.columns)} hold no curve; expected any of "
                             f"{list(CURVE_LABELS)}")
-    thresholds = {"target_std": collapse_std_min, "rankme": collapse_rank_min}
+    thresholds = {"feature_std": collapse_std_min, "rankme": collapse_rank_min}
     ncol = min(3, len(cols))
     nrow = math.ceil(len(cols) / ncol)
     # Fixed margins in inches rather than a layout engine: constrained layout doubles the drawing time.

@@ -29,6 +29,8 @@ def tiny_cfg(tmp_path) -> Config:
         "pretrain.batch_size": 16,
         "pretrain.checkpoint_every": 2,
         "pretrain.log_every": 1,
+        "pretrain.diag_every": 2,
+        "pretrain.diag_images": 16,
         "pretrain.out_dir": str(tmp_path / "models"),
         "ray.storage_path": str(tmp_path / "ray_results"),
         "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",

@@ -126,7 +126,8 @@ def test_two_workers_end_to_end(tiny_cfg, tmp_path):
     assert run.data.params["pretrain.batch_size"] == "16" and run.data.tags["params_hash"] == cfg.hash()
     loss = mlflow.MlflowClient().get_metric_history(run_id, "loss")
     assert {m.step for m in loss} == set(range(1, 13))  # rank 0 logged every step (log_every 1)
-    for key in ("lr", "wd", "momentum", "images_per_s", "target_std", "rankme", "final_loss"):
+    for key in ("lr", "wd", "momentum", "images_per_s", "target_std", "rankme", "position_share", "image_share",
+                "heldout_loss", "trivial_loss", "final_loss"):
         assert key in run.data.metrics, key
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
     assert {"encoder", "params.yaml", "pretrain_curve.csv"} <= artifacts

@@ -150,5 +150,5 @@ def test_tracker_gets_every_log_step_and_one_collapse_tag(cfg, capsys):
     train_worker(cfg, RandomImages(48, 32), Recorder(), tracker=tracker)
     assert [s for s, _ in tracker.logged] == [2, 4, 6]
     assert set(tracker.logged[0][1]) == set(CURVE_COLUMNS) - {"step"}
-    assert len(tracker.tags) == 1 and tracker.tags[0][0] == "collapse" and "step 2" in tracker.tags[0][1]
+    assert len(tracker.tags) == 1 and tracker.tags[0][0] == "collapse" and "step 2: rankme" in tracker.tags[0][1]
     assert "representation collapse" in capsys.readouterr().out

@@ -1,0 +1,65 @@
+"""Collapse and shortcut diagnostics: variance shares by hand, alarms on a collapsed and a healthy encoder."""
+
+import pytest
+import torch
+
+from pipeline.diagnostics import alarms, diagnose, variance_shares
+from pipeline.masks import MaskCollator
+from pipeline.models import build_ijepa
+
+
+def test_variance_shares_by_hand():
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(1, 16, 8, generator=g).expand(32, 16, 8)  # depends on the patch position only
+    img = torch.randn(32, 1, 8, generator=g).expand(32, 16, 8)  # on the image only
+    assert variance_shares(pos) == pytest.approx((1.0, 0.0), abs=1e-9)
+    assert variance_shares(img) == pytest.approx((0.0, 1.0), abs=1e-9)
+    p, i = variance_shares(pos + img)
+    assert p + i == pytest.approx(1.0, abs=1e-9) and 0 < p < 1
+    p, i = variance_shares(torch.randn(512, 64, 8, generator=g))  # noise: ~1/n and ~1/N
+    assert p == pytest.approx(1 / 512, rel=0.3) and i == pytest.approx(1 / 64, rel=0.3)
+    assert variance_shares(torch.ones(4, 9, 3)) == (0.0, 0.0)
+
+
+@pytest.fixture
+def model_and_batch(tiny_cfg):
+    torch.manual_seed(0)
+    model = build_ijepa(tiny_cfg)
+    images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    masks = MaskCollator(tiny_cfg.mask, model.encoder.grid_size, seed=0).sample(64, 0)
+    return tiny_cfg, model, (images, *masks)
+
+
+def test_random_init_is_healthy(model_and_batch):
+    cfg, model, batch = model_and_batch
+    d = diagnose(model, *batch)
+    assert set(d) == {"rankme", "feature_std", "position_share", "image_share", "heldout_loss", "trivial_loss"}
+    assert alarms(d, cfg.pretrain.collapse_std_min, cfg.pretrain.collapse_rank_min) == []
+    assert d["rankme"] > 10 and d["feature_std"] > 0.05
+    assert 0 < d["position_share"] < 1 and 0 < d["image_share"] < 1
+    assert d["heldout_loss"] > 0 and d["trivial_loss"] > 0
+    assert model.training  # diagnose restores the mode
+
+
+def test_input_independent_encoder_raises_both_alarms(model_and_batch):
+    """Zero patch embedding: every image gives the same tokens (bias + position), the collapse I-JEPA can fall
+    into. Uncentred RankMe would still read the positional structure as rank; centred it is 1."""
+    cfg, model, batch = model_and_batch
+    with torch.no_grad():
+        model.target_encoder.patch_embed.proj.weight.zero_()
+    d = diagnose(model, *batch)
+    found = alarms(d, cfg.pretrain.collapse_std_min, cfg.pretrain.collapse_rank_min)
+    assert len(found) == 2 and found[0].startswith("feature_std") and found[1].startswith("rankme")
+    assert d["rankme"] == pytest.approx(1.0, abs=0.05) and d["feature_std"] < 1e-5
+    assert d["image_share"] < 1e-6 and d["position_share"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_trivial_loss_is_the_context_mean_guess(model_and_batch):
+    """When every patch of an image has the same target, the context mean predicts it exactly."""
+    _, model, (images, masks_enc, masks_pred) = model_and_batch
+    assert diagnose(model, images, masks_enc, masks_pred)["trivial_loss"] > 0.05
+    with torch.no_grad():
+        model.target_encoder.pos_embed.zero_()
+    flat = torch.randn(64, 3, 1, 1).expand_as(images).contiguous()  # one colour per image: patches alike
+    d = diagnose(model, flat, masks_enc, masks_pred)
+    assert d["trivial_loss"] < 1e-6 and d["heldout_loss"] > 1e-3
