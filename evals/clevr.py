@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from evals import common
+from evals import common, pixels
 from evals.features import VIEWS, extract
 from evals.probe import linear_probe
 from pipeline.config import Config, ProbeConfig
@@ -55,6 +55,13 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
                                     num_workers=cfg.data.num_workers, hits=True)
                for name, enc in ctx.encoders.items()}
     metrics, chosen = common.split_results(results)
+    kw = {"cache_dir": ctx.cache_dir, "num_workers": cfg.data.num_workers}
+    metrics[pixels.NAME] = {}
+    for task, (train, val) in tasks.items():  # both tasks share the images: the second reads the cache
+        res = pixels.pixel_probe(pixels.pixel_features(train, cfg.eval_clevr, **kw),
+                                 pixels.pixel_features(val, cfg.eval_clevr, **kw), cfg.eval_clevr,
+                                 getattr(getattr(train, "dataset", train), "num_classes", None))
+        metrics[pixels.NAME][task] = {"top1": res["top1"]}  # VTAB reports top-1 only
     params = {**common.section_params(cfg.eval_clevr, NAME), "chosen": chosen,
               "n_train": len(tasks[TASKS[0]][0]), "n_val": len(tasks[TASKS[0]][1])}
     common.finish(cfg, ctx, NAME, metrics, params)

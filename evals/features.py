@@ -18,6 +18,7 @@ Files are written to a temporary name and renamed, so a killed run never leaves 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -108,7 +109,7 @@ def _save_atomic(obj: Any, path: Path) -> None:
 @torch.no_grad()
 def _run(encoder: nn.Module, ds: Dataset, kind: Kind, batch_size: int, num_workers: int,
          desc: str) -> dict[str, Tensor]:
-    device = next(encoder.parameters()).device
+    device = next(itertools.chain(encoder.parameters(), encoder.buffers())).device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     was_training = encoder.training

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from evals import common
+from evals import common, pixels
 from evals.features import VIEWS, extract
 from evals.probe import linear_probe
 from pipeline.config import Config, ProbeConfig
@@ -61,6 +61,9 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
                                      num_workers=cfg.data.num_workers, hits=True)
                for name, enc in ctx.encoders.items()}
     metrics, chosen = common.split_results(results)
+    kw = {"cache_dir": ctx.cache_dir, "num_workers": cfg.data.num_workers}
+    metrics[pixels.NAME] = pixels.pixel_probe(pixels.pixel_features(train, cfg.eval_linear, **kw),
+                                              pixels.pixel_features(val, cfg.eval_linear, **kw), cfg.eval_linear)
     params = {**common.section_params(cfg.eval_linear, NAME), "chosen": chosen,
               "n_train": len(train), "n_val": len(val)}
     common.finish(cfg, ctx, NAME, metrics, params)

@@ -9,7 +9,9 @@ I-JEPA for errors (abs_rel, rmse, log10): positive always means that pretraining
 two-sided p-value of the margin, the two encoders' probes being paired on the same val items
 (`evals.paired`, from the metrics files' "paired" section): McNemar for top-1, the sign test over
 images for depth AbsRel; above 0.05 the margin is noise. `baseline`
-holds a figure-specific baseline where there is one (the train-mean depth map for depth). Depth has a
+holds a figure-specific baseline: the same probe on 16x16 downscaled pixels for the classification
+evaluations (`evals.pixels`: does the encoder beat the pixels, not only noise?), the train-mean depth map
+for depth. Depth has a
 single view (patch tokens + pooled token of the last layer), filed under "last".
 
 Written as reports/evals.csv and reports/evals.md (and reports/evals.png when `pipeline.viz` offers
@@ -59,7 +61,10 @@ def build_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
                     if stat == "p_value":
                         pvalues.setdefault((".".join([label, *task]), figure), {})[f"p.{view}"] = value
                     continue
-                *task, view, metric = path if top in common.ENCODERS else ("", *path)
+                if top in common.ENCODERS:
+                    *task, view, metric = path
+                else:  # a baseline (raw pixels, the train-mean depth map): no view level
+                    *task, metric = path
                 evaluation = ".".join([label, *task])
                 row = cells.setdefault((evaluation, metric), {})
                 row[f"{top}.{view}" if top in common.ENCODERS else "baseline"] = value
@@ -111,7 +116,9 @@ def write_report(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     tmp = out_dir / ".evals.md.tmp"
     tmp.write_text("# Downstream evaluations: I-JEPA vs random init\n\nmargin > 0: pretraining helped "
                    "(errors: random - I-JEPA). Accuracies in %, rmse in metres. p: paired test of the margin on "
-                   "the same val images (McNemar for top-1, sign test for AbsRel); p > 0.05: within noise.\n\n"
+                   "the same val images (McNemar for top-1, sign test for AbsRel); p > 0.05: within noise. baseline: "
+                   "the same probe on 16x16 downscaled pixels (classification), the train-mean depth map (depth)."
+                   "\n\n"
                    + to_markdown(table))
     tmp.replace(md)
     written = [csv, md]

@@ -11,10 +11,12 @@ RESULTS = {
     "eval_linear": {"ijepa": {"last": {"top1": 60.0, "top5": 90.0}, "last4": {"top1": 65.0, "top5": 92.0}},
                     "random": {"last": {"top1": 20.0, "top5": 50.0}, "last4": {"top1": 25.0, "top5": 55.0}},
                     "paired": {"last": {"top1": {"margin": 40.0, "p_value": 1e-9}},
-                               "last4": {"top1": {"margin": 40.0, "p_value": 2e-9}}}},
+                               "last4": {"top1": {"margin": 40.0, "p_value": 2e-9}}},
+                    "pixels": {"top1": 30.0, "top5": 70.0}},
     "eval_clevr": {"ijepa": {"count_all": {"last": {"top1": 40.0}, "last4": {"top1": 45.0}}},
                    "random": {"count_all": {"last": {"top1": 30.0}, "last4": {"top1": 28.0}}},
-                   "paired": {"count_all": {"last": {"top1": {"margin": 10.0, "p_value": 0.3, "n": 100}}}}},
+                   "paired": {"count_all": {"last": {"top1": {"margin": 10.0, "p_value": 0.3, "n": 100}}}},
+                   "pixels": {"count_all": {"top1": 35.0}}},
     "eval_depth": {"ijepa": {"last": {"rmse": 0.8, "d1": 0.7}}, "random": {"last": {"rmse": 1.0, "d1": 0.6}},
                    "mean_depth": {"rmse": 1.2, "d1": 0.5},
                    "paired": {"last": {"abs_rel": {"margin": 0.01, "p_value": 0.04}}}},
@@ -32,7 +34,9 @@ def test_rows_columns_and_margins():
     assert t.loc[("depth", "d1"), "margin.last"] == pytest.approx(0.1)
     assert t.loc[("depth", "rmse"), "baseline"] == pytest.approx(1.2)
     assert math.isnan(t.loc[("depth", "rmse"), "ijepa.last4"])  # depth has one view
-    assert math.isnan(t.loc[("linear", "top1"), "baseline"])
+    assert t.loc[("linear", "top1"), "baseline"] == pytest.approx(30.0)  # raw pixels, no view level
+    assert t.loc[("linear", "top5"), "baseline"] == pytest.approx(70.0)
+    assert t.loc[("clevr.count_all", "top1"), "baseline"] == pytest.approx(35.0)  # under its task
     assert t.loc[("linear", "top1"), "p.last4"] == pytest.approx(2e-9)  # the paired test lands on the top-1 row
     assert t.loc[("clevr.count_all", "top1"), "p.last"] == pytest.approx(0.3)
     assert math.isnan(t.loc[("clevr.count_all", "top1"), "p.last4"])  # not in the file: not made up

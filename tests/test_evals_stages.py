@@ -57,7 +57,8 @@ def test_every_stage_end_to_end(cfg, shared_data, tmp_path):
         tracking.write_run_id(run.info.run_id, Path(cfg.pretrain.out_dir) / "run_id.txt")
     m = linear.run(cfg, tmp_path)
     cached = sorted((tmp_path / ".cache" / "features").iterdir())
-    assert len(cached) == 4  # (ijepa, random) x (train, val)
+    assert len(cached) == 6  # (ijepa, random, pixels) x (train, val)
+    assert 0 <= m["pixels"]["top1"] <= m["pixels"]["top5"] <= 100
     for enc in ("ijepa", "random"):
         for view in ("last", "last4"):
             assert 0 <= m[enc][view]["top1"] <= m[enc][view]["top5"] <= 100
@@ -69,7 +70,7 @@ def test_every_stage_end_to_end(cfg, shared_data, tmp_path):
         assert pv["ci95_low"] <= pv["margin"] <= pv["ci95_high"] and 0 < pv["p_value"] <= 1
     c = clevr.run(cfg, tmp_path)
     assert set(c["random"]) == {"count_all", "closest_object_distance"}
-    assert set(c["paired"]) == {"count_all", "closest_object_distance"}
+    assert set(c["paired"]) == set(c["pixels"]) == {"count_all", "closest_object_distance"}
     d = depth.run(cfg, tmp_path)
     assert set(d) == {"ijepa", "random", "mean_depth", "paired"}
     pd_ = d["paired"]["last"]["abs_rel"]
