@@ -32,10 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.scenes import render_many  # noqa: E402
 from pipeline.data.transforms import CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from pipeline.diagnostics import diagnose  # noqa: E402
 from pipeline.masks import MaskCollator  # noqa: E402
 from pipeline.models import build_encoder, build_ijepa  # noqa: E402
 from pipeline.schedules import Schedules  # noqa: E402
 from pipeline.step import build_optimizer, train_step  # noqa: E402
+from pipeline.train import DIAG_MASK_STEP  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VAL_OFFSET = 1_000_000  # validation scene indices start here: disjoint from the training scenes
@@ -132,6 +134,12 @@ def pretrain(cfg, xtr: torch.Tensor, steps: int, at: dict[int, callable] | None 
                    "final_loss": round(float(np.mean(losses[-10:])), 4)}
 
 
+def diagnostics(model: torch.nn.Module, cfg, xva: torch.Tensor, n: int = 256) -> dict[str, float]:
+    """`pipeline.diagnostics.diagnose` on the first n val scenes with fixed masks, rounded."""
+    masks = MaskCollator(cfg.mask, model.encoder.grid_size, seed=cfg.pretrain.seed).sample(n, DIAG_MASK_STEP)
+    return {k: round(v, 4) for k, v in diagnose(model, xva[:n], *masks).items()}
+
+
 def band(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     """`probe` results of several encoders -> {figure: {mean, std, min, max}}."""
     return {f: {"mean": round(float(np.mean(v)), 2), "std": round(float(np.std(v, ddof=1)), 2) if len(v) > 1 else 0.0,
@@ -184,7 +192,8 @@ def main() -> None:
         for i in range(args.seeds):
             seed_cfg = cfg.replace(**{"pretrain.seed": cfg.pretrain.seed + i})
             curve: dict[int, dict[str, float]] = {}
-            at = {k: (lambda mdl, k=k, c=curve: c.__setitem__(k, probe(mdl.target_encoder, xtr, xva, d)))
+            at = {k: (lambda mdl, k=k, c=curve, sc=seed_cfg: c.__setitem__(
+                      k, {**probe(mdl.target_encoder, xtr, xva, d), **diagnostics(mdl, sc, xva)}))
                   for k in (args.curve if i == 0 else [])}
             m, stats = pretrain(seed_cfg, xtr, args.steps, at)
             if curve:
@@ -192,12 +201,14 @@ def main() -> None:
             if i == 0:
                 model = m  # the first seed's: the one the --grey probe reads
             runs.append({"seed": seed_cfg.pretrain.seed, **stats, "target": probe(m.target_encoder, xtr, xva, d),
-                         "context": probe(m.encoder, xtr, xva, d)})
+                         "context": probe(m.encoder, xtr, xva, d), "diagnostics": diagnostics(m, seed_cfg, xva)})
         result.update({k: v for k, v in runs[0].items() if k != "seed"})
         if args.seeds > 1:
             result["seeds"] = runs
             result["target_band"] = band([r["target"] for r in runs])
     result["random"] = probe(random_encoder, xtr, xva, d)
+    torch.manual_seed(cfg.pretrain.seed + 1)  # the same encoder weights as random_encoder, plus a predictor
+    result["random_diagnostics"] = diagnostics(build_ijepa(cfg), cfg, xva)
     if args.random_seeds:
         result["random_band"] = random_band(cfg, xtr, xva, d, args.random_seeds)
     if args.grey and args.steps > 0:

@@ -12,9 +12,12 @@ from evals import common, pixels
 from evals.features import VIEWS, extract
 from evals.probe import linear_probe
 from pipeline.config import Config, ProbeConfig
+from pipeline.diagnostics import representation_stats
 from pipeline.errors import PipelineError
 
 NAME = "eval_linear"
+DIAGNOSTICS = "diagnostics"  # the metrics file's section of representation statistics (no probe)
+DIAG_IMAGES = 512
 
 
 def num_classes(train: Dataset, y) -> int:
@@ -32,6 +35,16 @@ def evaluate_linear(encoder: nn.Module, train: Dataset, val: Dataset, cfg: Probe
     fva = extract(encoder, val, "pooled", desc="features val", **kw)
     c = num_classes(train, ftr["y"])
     return {v: linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], c, cfg, hits=hits) for v in VIEWS}
+
+
+def representation_diagnostics(encoders: dict[str, nn.Module], val: Dataset, cfg: ProbeConfig, *,
+                               cache_dir: str | Path | None = None, num_workers: int = 0) -> dict[str, Any]:
+    """{encoder: {"rankme", "feature_std", "position_share", "image_share"}} on the last layer's patch
+    tokens of (at most) DIAG_IMAGES val images: the pretraining diagnostics, for both encoders."""
+    images = common.limit(val, DIAG_IMAGES, cfg.seed)
+    kw = {"batch_size": cfg.batch_size, "cache_dir": cache_dir, "num_workers": num_workers, "desc": "diagnostics"}
+    return {name: representation_stats(extract(enc, images, "tokens", **kw)["tokens"])
+            for name, enc in encoders.items()}
 
 
 def imagenet_splits(cfg: Config, root: Path, subset: bool = False):
@@ -64,6 +77,7 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
     kw = {"cache_dir": ctx.cache_dir, "num_workers": cfg.data.num_workers}
     metrics[pixels.NAME] = pixels.pixel_probe(pixels.pixel_features(train, cfg.eval_linear, **kw),
                                               pixels.pixel_features(val, cfg.eval_linear, **kw), cfg.eval_linear)
+    metrics[DIAGNOSTICS] = representation_diagnostics(ctx.encoders, val, cfg.eval_linear, **kw)
     params = {**common.section_params(cfg.eval_linear, NAME), "chosen": chosen,
               "n_train": len(train), "n_val": len(val)}
     common.finish(cfg, ctx, NAME, metrics, params)

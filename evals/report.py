@@ -36,6 +36,7 @@ from pipeline.errors import PipelineError
 NAME = "report"
 EVALS = {"eval_linear": "linear", "eval_semi": "semi_1pct", "eval_clevr": "clevr", "eval_depth": "depth"}
 REPORT_DIR = "reports"
+DIAGNOSTICS = "diagnostics"  # eval_linear's representation statistics per encoder (evals.linear)
 PAIRED = "paired"  # the metrics files' section of paired statistics (evals.paired); p-values go to p.<view>
 COLUMNS = ([f"{e}.{v}" for e in common.ENCODERS for v in VIEWS] + [f"margin.{v}" for v in VIEWS]
            + [f"p.{v}" for v in VIEWS] + ["baseline"])
@@ -55,6 +56,8 @@ def build_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
     for stage, doc in results.items():
         label = EVALS.get(stage, stage)
         for top, sub in doc.items():
+            if top == DIAGNOSTICS:  # not a probe figure: its own table (diagnostics_table)
+                continue
             for path, value in _leaves(sub):
                 if top == PAIRED:  # (task..., view, figure, stat): the figure's row gets p.<view>
                     *task, view, figure, stat = path
@@ -76,6 +79,18 @@ def build_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
     sign = pd.Series([-1.0 if m in LOWER_IS_BETTER else 1.0 for _, m in table.index], index=table.index)
     for v in VIEWS:
         table[f"margin.{v}"] = sign * (table[f"ijepa.{v}"] - table[f"random.{v}"])
+    return table
+
+
+def diagnostics_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame | None:
+    """{encoder: {rankme, feature_std, position_share, image_share}} of the metrics files -> a DataFrame
+    indexed by (evaluation, encoder); None when no file has a diagnostics section."""
+    rows = {(EVALS.get(stage, stage), enc): stats for stage, doc in results.items()
+            for enc, stats in doc.get(DIAGNOSTICS, {}).items()}
+    if not rows:
+        return None
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index = pd.MultiIndex.from_tuples(table.index, names=["evaluation", "encoder"])
     return table
 
 
@@ -106,8 +121,9 @@ def read_metrics(root: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def write_report(table: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """evals.csv, evals.md and (when pipeline.viz has table_image) evals.png under out_dir."""
+def write_report(table: pd.DataFrame, out_dir: Path, diagnostics: pd.DataFrame | None = None) -> list[Path]:
+    """evals.csv, evals.md (with the `diagnostics` table when given) and (when pipeline.viz has table_image)
+    evals.png under out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv, md = out_dir / "evals.csv", out_dir / "evals.md"
     tmp = out_dir / ".evals.csv.tmp"
@@ -119,7 +135,7 @@ def write_report(table: pd.DataFrame, out_dir: Path) -> list[Path]:
                    "the same val images (McNemar for top-1, sign test for AbsRel); p > 0.05: within noise. baseline: "
                    "the same probe on 16x16 downscaled pixels (classification), the train-mean depth map (depth)."
                    "\n\n"
-                   + to_markdown(table))
+                   + to_markdown(table) + _diagnostics_markdown(diagnostics))
     tmp.replace(md)
     written = [csv, md]
     try:
@@ -130,14 +146,24 @@ def write_report(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     return written
 
 
+def _diagnostics_markdown(diagnostics: pd.DataFrame | None) -> str:
+    if diagnostics is None:
+        return ""
+    return ("\n## Representations (val images, last layer; no labels)\n\nrankme: effective rank of the centred "
+            "pooled features (1: collapsed); position_share / image_share: share of the patch-feature variance "
+            "explained by the patch position / by the image (pipeline/diagnostics.py).\n\n"
+            + to_markdown(diagnostics))
+
+
 def run(cfg: Config, root: str | Path | None = None) -> pd.DataFrame:
     """The report stage: read metrics/eval_*.json, write reports/evals.*, log them to MLflow."""
     from pipeline import tracking  # slow to import; the table functions above do not need it
 
     root = Path.cwd() if root is None else Path(root)
     run_id = tracking.read_run_id(root / cfg.pretrain.out_dir / tracking.RUN_ID_FILE)
-    table = build_table(read_metrics(root))
-    files = write_report(table, root / REPORT_DIR)
+    results = read_metrics(root)
+    table = build_table(results)
+    files = write_report(table, root / REPORT_DIR, diagnostics_table(results))
     tracking.connect(cfg.mlflow, root)
     margins = {f"{e}.{m}.margin.{v}": table.loc[(e, m), f"margin.{v}"] for e, m in table.index for v in VIEWS}
     with tracking.child_run(run_id, NAME, {"evaluations": ",".join(sorted(read_metrics(root)))}):

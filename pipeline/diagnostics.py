@@ -48,6 +48,15 @@ def variance_shares(h: Tensor) -> tuple[float, float]:
     return float(position / total), float(image / total)
 
 
+def representation_stats(h: Tensor) -> dict[str, float]:
+    """Patch features h (n, N, D) -> {"rankme", "feature_std", "position_share", "image_share"} (see above)."""
+    h = h.float()
+    pooled = h.mean(1)
+    position, image = variance_shares(h)
+    return {"rankme": rankme(pooled - pooled.mean(0)), "feature_std": float(pooled.std(0).mean()),
+            "position_share": position, "image_share": image}
+
+
 def _loss(pred: Tensor, target: Tensor, name: str) -> Tensor:
     return F.smooth_l1_loss(pred, target) if name == "smooth_l1" else F.mse_loss(pred, target)
 
@@ -60,16 +69,12 @@ def diagnose(model: torch.nn.Module, images: Tensor, masks_enc: Tensor, masks_pr
     model.eval()
     try:
         h = model.target_encoder(images).float()  # (n, N, D): what the evaluations pool
-        pooled = h.mean(1)
-        position, image = variance_shares(h)
         targets_all = F.layer_norm(h, (h.size(-1),))  # what the predictor is trained to match
         n, M, Kt = masks_pred.shape
         targets = apply_masks(targets_all, masks_pred.reshape(n, M * Kt)).reshape(n, M, Kt, -1)
         pred = model.predictor(model.encoder(images, keep_idx=masks_enc), masks_enc, masks_pred).float()
         guess = apply_masks(targets_all, masks_enc).mean(1)[:, None, None, :].expand_as(targets)
-        return {"rankme": rankme(pooled - pooled.mean(0)), "feature_std": float(pooled.std(0).mean()),
-                "position_share": position, "image_share": image,
-                "heldout_loss": float(_loss(pred, targets, model.loss_name)),
+        return {**representation_stats(h), "heldout_loss": float(_loss(pred, targets, model.loss_name)),
                 "trivial_loss": float(_loss(guess, targets, model.loss_name))}
     finally:
         model.train(was_training)

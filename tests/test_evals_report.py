@@ -5,14 +5,16 @@ import math
 import pandas as pd
 import pytest
 
-from evals.report import COLUMNS, build_table, to_markdown, write_report
+from evals.report import COLUMNS, build_table, diagnostics_table, to_markdown, write_report
 
 RESULTS = {
     "eval_linear": {"ijepa": {"last": {"top1": 60.0, "top5": 90.0}, "last4": {"top1": 65.0, "top5": 92.0}},
                     "random": {"last": {"top1": 20.0, "top5": 50.0}, "last4": {"top1": 25.0, "top5": 55.0}},
                     "paired": {"last": {"top1": {"margin": 40.0, "p_value": 1e-9}},
                                "last4": {"top1": {"margin": 40.0, "p_value": 2e-9}}},
-                    "pixels": {"top1": 30.0, "top5": 70.0}},
+                    "pixels": {"top1": 30.0, "top5": 70.0},
+                    "diagnostics": {"ijepa": {"rankme": 20.0, "position_share": 0.3},
+                                    "random": {"rankme": 31.0, "position_share": 0.45}}},
     "eval_clevr": {"ijepa": {"count_all": {"last": {"top1": 40.0}, "last4": {"top1": 45.0}}},
                    "random": {"count_all": {"last": {"top1": 30.0}, "last4": {"top1": 28.0}}},
                    "paired": {"count_all": {"last": {"top1": {"margin": 10.0, "p_value": 0.3, "n": 100}}}},
@@ -51,7 +53,12 @@ def test_markdown_and_csv(tmp_path):
     assert lines[0].startswith("| evaluation | metric | ijepa.last |")
     assert len(lines) == 2 + len(t)
     assert "| depth | rmse | 0.8 | - |" in md
-    files = write_report(t, tmp_path)
+    assert ("linear", "rankme") not in t.index  # diagnostics are not probe figures: their own table
+    diag = diagnostics_table(RESULTS)
+    assert diag.loc[("linear", "random"), "rankme"] == pytest.approx(31.0)
+    assert diagnostics_table({"eval_depth": RESULTS["eval_depth"]}) is None
+    files = write_report(t, tmp_path, diag)
+    assert "| linear | ijepa | 20 | 0.3 |" in (tmp_path / "evals.md").read_text()
     assert {f.name for f in files} >= {"evals.csv", "evals.md"}
     back = pd.read_csv(tmp_path / "evals.csv", index_col=[0, 1])
     assert back.loc[("linear", "top1"), "ijepa.last"] == pytest.approx(60.0)

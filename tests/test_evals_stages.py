@@ -57,7 +57,8 @@ def test_every_stage_end_to_end(cfg, shared_data, tmp_path):
         tracking.write_run_id(run.info.run_id, Path(cfg.pretrain.out_dir) / "run_id.txt")
     m = linear.run(cfg, tmp_path)
     cached = sorted((tmp_path / ".cache" / "features").iterdir())
-    assert len(cached) == 6  # (ijepa, random, pixels) x (train, val)
+    assert len(cached) == 8  # (ijepa, random, pixels) x (train, val), diagnostics tokens x (ijepa, random)
+    assert set(m["diagnostics"]) == {"ijepa", "random"} and m["diagnostics"]["random"]["rankme"] > 1
     assert 0 <= m["pixels"]["top1"] <= m["pixels"]["top5"] <= 100
     for enc in ("ijepa", "random"):
         for view in ("last", "last4"):
