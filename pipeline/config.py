@@ -36,6 +36,9 @@ ENCODER_PRESETS: dict[str, tuple[int, int, int, float]] = {
 }
 PATCH_SIZES = (8, 14, 16)
 MASK_STRATEGIES = ("multiblock", "random", "block", "rasterized")
+# Anti-collapse terms on the pooled context features (pipeline/regularizers.py); "none" is the paper.
+Regularizer = Literal["none", "vicreg", "sigreg"]
+REGULARIZERS: tuple[str, ...] = typing.get_args(Regularizer)
 
 
 class ConfigError(PipelineError):
@@ -174,6 +177,11 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     loss: Literal["smooth_l1", "l2"] = "smooth_l1"
     grad_clip: float | None = None
+    # Not in the paper: loss = prediction loss + reg_weight * regulariser(pooled context features).
+    # reg_weight is read only when reg is not "none"; 1.0 is VICReg's own balance for vicreg, while
+    # sigreg is on a larger scale (pipeline/regularizers.py).
+    reg: Regularizer = "none"
+    reg_weight: float = 1.0
 
     def __post_init__(self):
         for key in ("lr", "start_lr", "final_lr", "weight_decay", "final_weight_decay"):
@@ -184,6 +192,7 @@ class OptimConfig:
         _check(self.ipe_scale >= 1.0, "ipe_scale", self.ipe_scale, "a number >= 1")
         _check_range("betas", self.betas, 0.0, 1.0, lo_open=False)
         _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "null or > 0")
+        _check(self.reg_weight >= 0, "reg_weight", self.reg_weight, "a number >= 0")
 
 
 @dataclass(frozen=True)
@@ -285,7 +294,8 @@ class DepthProbeConfig(ProbeConfig):
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """Ray Tune sweep over the masking; each list is a grid axis (or sampled from, `search: random`)."""
+    """Ray Tune sweep over the masking and the regulariser; each list is a grid axis (or sampled from,
+    `search: random`)."""
 
     search: Literal["grid", "random"] = "grid"
     num_samples: int = 1  # grid: repeats of the grid; random: number of trials
@@ -293,6 +303,7 @@ class TuneConfig:
     enc_scale: tuple[tuple[float, float], ...] = ((0.85, 1.0),)
     num_targets: tuple[int, ...] = (4,)
     strategy: tuple[str, ...] = ("multiblock",)
+    reg: tuple[str, ...] = ("none",)  # optim.reg per trial, at optim.reg_weight
     epochs: int = 2  # per-trial pretraining budget
     resources_per_trial: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     max_concurrent_trials: int = 1
@@ -300,7 +311,7 @@ class TuneConfig:
 
     def __post_init__(self):
         axes = {"pred_scale": self.pred_scale, "enc_scale": self.enc_scale,
-                "num_targets": self.num_targets, "strategy": self.strategy}
+                "num_targets": self.num_targets, "strategy": self.strategy, "reg": self.reg}
         for key, axis in axes.items():
             _check(len(axis) >= 1, key, list(axis), "a non-empty list")
         for i, pair in enumerate(self.pred_scale):
@@ -309,6 +320,8 @@ class TuneConfig:
             _check_range(f"enc_scale[{i}]", pair, 0.0, 1.0)
         for s in self.strategy:
             _check(s in MASK_STRATEGIES, "strategy", s, f"each one of {list(MASK_STRATEGIES)}")
+        for r in self.reg:
+            _check(r in REGULARIZERS, "reg", r, f"each one of {list(REGULARIZERS)}")
         _check(all(n >= 1 for n in self.num_targets), "num_targets", list(self.num_targets), "integers >= 1")
         _check(self.num_samples >= 1, "num_samples", self.num_samples, "an integer >= 1")
         _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")

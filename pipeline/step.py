@@ -55,11 +55,11 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched: Schedules, s
     """Schedules, forward, backward, optimiser step and EMA update for step `step` (0-based).
 
     model: IJEPA or DDP(IJEPA); images (B, 3, H, W); masks_enc (B, Kc); masks_pred (B, M, Kt), all on the
-    model's device. Returns the detached output (loss tensor, collapse stats) without syncing.
+    model's device. Returns the detached output (loss tensors, collapse stats) without syncing.
     """
     set_schedules(opt, sched, step)
     with autocast(images.device, bf16):
-        out = model(images, masks_enc, masks_pred)
+        out = model(images, masks_enc, masks_pred, step)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     if grad_clip is not None:

@@ -1,10 +1,11 @@
-"""Masking ablations (the paper's Tables 6, 8-10) as one Ray Tune sweep: search space, per-epoch score, table.
+"""Masking ablations (the paper's Tables 6, 8-10) and the anti-collapse regulariser (`tune.reg`: paper
+I-JEPA against VICReg / SIGReg) as one Ray Tune sweep: search space, per-epoch score, table.
 
     run(cfg, root) -> summary       the sweep stage: validate, run (or resume) the trials, write the outputs
 
 Each trial is a short pretraining with the pretrain stage's own loop (`pipeline.launch.build_trainer`),
-its mask keys replaced by the trial's values (`trial_config`), for `tune.epochs` epochs. After every
-epoch rank 0 scores the target encoder (`ProbeScore`): a linear probe on the pooled features of the 1%
+its mask keys and `optim.reg` replaced by the trial's values (`trial_config`), for `tune.epochs` epochs.
+After every epoch rank 0 scores the target encoder (`ProbeScore`): a linear probe on the pooled features of the 1%
 train list, top-1 on val (`probe_top1`, what ASHA compares, higher is better) and RankMe of the val
 features (`val_rankme`, label-free). A sweep is named by the hash of the tune, training and 1%-probe
 sections (`sweep_name`); rerunning the stage resumes an interrupted sweep and only rewrites the outputs
@@ -45,7 +46,9 @@ from pipeline.errors import PipelineError
 from pipeline.metrics import rankme
 
 SCORE = "probe_top1"  # ASHA's metric (mode max): 1% linear probe top-1 on val, in %
-AXES = ("strategy", "num_targets", "pred_scale", "enc_scale")  # the mask keys a trial sets
+# The keys a trial sets: search axis -> the dotted config key it replaces.
+AXES = {"strategy": "mask.strategy", "num_targets": "mask.num_targets", "pred_scale": "mask.pred_scale",
+        "enc_scale": "mask.enc_scale", "reg": "optim.reg"}
 HISTORY_KEYS = ("epoch", "step", "epoch_loss", "rankme", SCORE, "probe_top5", "val_rankme")  # per-epoch report
 SWEEP_SECTIONS = ("tune", "data", "mask", "model", "optim", "pretrain", "eval_semi")
 CPU_TRIAL_DRIVER = 0.01  # the trial's driver only waits on its TorchTrainer; Ray refuses {"CPU": 0}
@@ -64,7 +67,8 @@ def sweep_name(cfg: Config) -> str:
 def search_axes(tune: TuneConfig) -> dict[str, list[Any]]:
     """The axes as plain lists (Tune grid_search / choice values): {"pred_scale": [[0.15, 0.2], ...], ...}."""
     axes = {"strategy": list(tune.strategy), "num_targets": list(tune.num_targets),
-            "pred_scale": [list(p) for p in tune.pred_scale], "enc_scale": [list(p) for p in tune.enc_scale]}
+            "pred_scale": [list(p) for p in tune.pred_scale], "enc_scale": [list(p) for p in tune.enc_scale],
+            "reg": list(tune.reg)}
     for key, values in axes.items():  # TuneConfig checks this too; a space built by hand may not have been
         if not values:
             raise PipelineError(f"tune.{key} = [] is an empty search axis; expected at least one value")
@@ -103,15 +107,16 @@ def check_resources(cfg: Config, cluster: dict[str, float]) -> int:
 
 
 def trial_config(cfg: Config, params: dict[str, Any]) -> Config:
-    """The trial's Config: its mask keys, a `tune.epochs` schedule, and its share of the resources.
+    """The trial's Config: its mask keys and regulariser, a `tune.epochs` schedule, and its share of the
+    resources.
 
     The whole LR / weight-decay / EMA schedule is squeezed into `tune.epochs` (a short run that ends its
     cosine, as the paper's short ablations), not cut out of the pretrain stage's longer schedule.
     """
-    over: dict[str, Any] = {f"mask.{k}": params[k] for k in AXES if k in params}
+    over: dict[str, Any] = {key: params[axis] for axis, key in AXES.items() if axis in params}
     unknown = set(params) - set(AXES)
     if unknown:
-        raise PipelineError(f"sweep trial params {sorted(unknown)} are not mask axes; expected keys of {list(AXES)}")
+        raise PipelineError(f"sweep trial params {sorted(unknown)} are not search axes; expected keys of {list(AXES)}")
     res = worker_resources(cfg)
     over.update({"pretrain.epochs": cfg.tune.epochs, "ray.resources_per_worker": res,
                  "ray.use_gpu": cfg.ray.use_gpu or res.get("GPU", 0) > 0})
@@ -119,9 +124,11 @@ def trial_config(cfg: Config, params: dict[str, Any]) -> Config:
 
 
 def trial_label(params: dict[str, Any]) -> str:
-    """A short run name: `multiblock M4 tgt 0.15-0.2 ctx 0.85-1`."""
+    """A short run name: `multiblock M4 tgt 0.15-0.2 ctx 0.85-1`, then ` sigreg` when a regulariser is on."""
     p, c = params["pred_scale"], params["enc_scale"]
-    return f"{params['strategy']} M{params['num_targets']} tgt {p[0]:g}-{p[1]:g} ctx {c[0]:g}-{c[1]:g}"
+    reg = params.get("reg", "none")
+    return (f"{params['strategy']} M{params['num_targets']} tgt {p[0]:g}-{p[1]:g} ctx {c[0]:g}-{c[1]:g}"
+            + ("" if reg == "none" else f" {reg}"))
 
 
 # ----------------------------------------------------------------------------------------- the score
@@ -180,7 +187,7 @@ def results_table(trials: Sequence[dict[str, Any]], epochs: int) -> pd.DataFrame
         last = hist[-1] if hist else {}
         rows.append({
             "trial": t["trial_id"], "strategy": p["strategy"], "num_targets": int(p["num_targets"]),
-            "pred_scale": _pair(p["pred_scale"]), "enc_scale": _pair(p["enc_scale"]),
+            "pred_scale": _pair(p["pred_scale"]), "enc_scale": _pair(p["enc_scale"]), "reg": p.get("reg", "none"),
             SCORE: float(last.get(SCORE, np.nan)), "best_" + SCORE: max((h[SCORE] for h in hist), default=np.nan),
             "probe_top5": float(last.get("probe_top5", np.nan)), "val_rankme": float(last.get("val_rankme", np.nan)),
             "train_rankme": float(last.get("rankme", np.nan)), "epoch_loss": float(last.get("epoch_loss", np.nan)),
@@ -263,8 +270,10 @@ def best_trial(df: pd.DataFrame) -> dict[str, Any]:
     """metrics/sweep.json's content: the top row and the sweep's size."""
     top = df.iloc[0]
     by_strategy = df.groupby("strategy")[SCORE].max()
+    by_reg = df.groupby("reg")[SCORE].max()  # paper I-JEPA ("none") against each regulariser
     return {"best": {k: (v.item() if hasattr(v, "item") else v) for k, v in top.items()},
             "best_by_strategy": {k: float(v) for k, v in by_strategy.items()},
+            "best_by_reg": {k: float(v) for k, v in by_reg.items()},
             "trials": len(df), "stopped_early": int(df["stopped_early"].sum())}
 
 

@@ -48,7 +48,9 @@ from pipeline.step import autocast, build_optimizer, train_step
 
 CHECKPOINT_FILE = "state.pt"
 # Every log row has all columns; the diagnostics ones are NaN except every `pretrain.diag_every` steps.
-CURVE_COLUMNS = ("step", "loss", "lr", "wd", "momentum", "target_std", "images_per_s", *DIAG_COLUMNS)
+# loss = pred_loss + optim.reg_weight * reg_loss (reg_loss 0 and pred_loss = loss when optim.reg is none).
+CURVE_COLUMNS = ("step", "loss", "pred_loss", "reg_loss", "lr", "wd", "momentum", "target_std", "images_per_s",
+                 *DIAG_COLUMNS)
 DIAG_MASK_STEP = 2**40  # the diagnostics batch's masks: MaskCollator.sample(n, DIAG_MASK_STEP), never a training step
 NO_BAD_STEP = 2**62
 
@@ -323,10 +325,13 @@ def train_worker(cfg: Config, dataset: Dataset, report: ReportFn, *, restore: di
                     return stopped
             is_diag = p.diag_images > 0 and (step % p.diag_every == 0 or step == stop)
             if is_log or is_diag:
-                stats = _all_reduce(torch.stack([out.loss.float(), out.target_std.float()])) / world
+                stats = _all_reduce(torch.stack([out.loss.float(), out.pred_loss.float(), out.reg_loss.float(),
+                                                 out.target_std.float()])) / world
+                loss, pred_loss, reg_loss, target_std = stats.tolist()  # one host sync
                 now = time.perf_counter()
-                row = {"step": step, "loss": float(stats[0]), "lr": sched.lr(step - 1), "wd": sched.wd(step - 1),
-                       "momentum": sched.momentum(step - 1), "target_std": float(stats[1]),
+                row = {"step": step, "loss": loss, "pred_loss": pred_loss, "reg_loss": reg_loss,
+                       "lr": sched.lr(step - 1), "wd": sched.wd(step - 1),
+                       "momentum": sched.momentum(step - 1), "target_std": target_std,
                        "images_per_s": (step - step_log) * p.batch_size / max(1e-9, now - t_log),
                        **dict.fromkeys(DIAG_COLUMNS, float("nan"))}
                 if diag_batch is not None and is_diag:

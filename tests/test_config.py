@@ -61,6 +61,10 @@ BAD = [
     ({"mask": {"allow_overlap": 1}}, "mask.allow_overlap"),
     ({"optim": {"lr": -0.1}}, "optim.lr"),
     ({"optim": {"loss": "l1"}}, "optim.loss"),
+    ({"optim": {"reg": "foo"}}, "optim.reg"),
+    ({"optim": {"reg_weight": -0.5}}, "optim.reg_weight"),
+    ({"tune": {"reg": []}}, "tune.reg"),
+    ({"tune": {"reg": ["none", "barlow"]}}, "tune.reg"),
     ({"model": {"name": "vit_enormous"}}, "model.name"),
     ({"model": {"patch_size": 15}}, "model.patch_size"),
     ({"ray": {"num_workers": 0}}, "ray.num_workers"),
@@ -111,3 +115,38 @@ def test_stage_exits_nonzero_with_one_line_on_bad_key(tmp_path):
     assert "WORKED" not in proc.stdout
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "mask.pred_scle" in lines[0]
+
+
+def test_regularizer_is_off_by_default_and_in_every_preset():
+    for preset in PRESETS:
+        cfg = from_dict({"preset": preset})
+        assert (cfg.optim.reg, cfg.optim.reg_weight, cfg.tune.reg) == ("none", 1.0, ("none",))
+    cfg = load_config(ROOT / "params.yaml")
+    assert (cfg.optim.reg, cfg.optim.reg_weight, cfg.tune.reg) == ("none", 1.0, ("none",))
+    on = from_dict({"optim": {"reg": "sigreg", "reg_weight": 0.05}, "tune": {"reg": ["none", "vicreg", "sigreg"]}})
+    assert (on.optim.reg, on.optim.reg_weight, on.tune.reg) == ("sigreg", 0.05, ("none", "vicreg", "sigreg"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"optim": {"reg": "foo"}},
+     "params: optim.reg = 'foo' is not allowed; expected one of ['none', 'vicreg', 'sigreg']"),
+    ({"optim": {"reg_weight": -1}}, "params: optim.reg_weight = -1.0 is not allowed; expected a number >= 0"),
+    ({"tune": {"reg": ["none", "foo"]}},
+     "params: tune.reg = 'foo' is not allowed; expected each one of ['none', 'vicreg', 'sigreg']"),
+])
+def test_regularizer_messages(override, message):
+    with pytest.raises(ConfigError) as err:
+        from_dict({"preset": "demo", **override})
+    assert str(err.value) == message
+
+
+def test_params_stage_rejects_bad_reg_in_one_line_and_writes_nothing(tmp_path):
+    raw = committed()
+    raw["optim"]["reg"] = "foo"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "stages.resolve_params"], cwd=tmp_path, capture_output=True,
+                          text=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: params: optim.reg = 'foo' is not allowed; "
+                                   "expected one of ['none', 'vicreg', 'sigreg']")
+    assert not (tmp_path / "reports").exists()

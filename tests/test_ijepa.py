@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline import regularizers as R
 from pipeline.masks import MaskCollator
 from pipeline.metrics import rankme
 from pipeline.models import build_ijepa, load_encoder, save_encoder
@@ -98,3 +99,67 @@ def test_rankme_collapse_and_full_rank():
     torch.manual_seed(0)
     assert rankme(torch.ones(64, 16)) == pytest.approx(1.0, abs=1e-3)
     assert rankme(torch.randn(512, 16)) > 14.0
+
+
+# ----------------------------------------------------------------------------------- regularisers
+
+
+def twin(cfg, images, me, mp, step=5, **optim):
+    """A model built as `setup` builds it (same seed, same weights), `optim` keys replaced; and its output."""
+    torch.manual_seed(0)
+    model = build_ijepa(cfg.replace(**{f"optim.{k}": v for k, v in optim.items()}))
+    return model, model(images, me, mp, step=step)
+
+
+def grads(module):
+    return [p.grad for p in module.parameters() if p.requires_grad]
+
+
+def test_reg_none_leaves_the_loss_bit_for_bit(setup):
+    cfg, model, images, (me, mp) = setup
+    assert (model.reg, cfg.optim.reg) == ("none", "none")
+    out = model(images, me, mp, step=5)
+    with torch.no_grad():  # the loss exactly as computed before regularisers existed
+        tgt, _ = model.targets(images, mp)
+        pred = model.predictor(model.encoder(images, keep_idx=me), me, mp)
+        paper = F.smooth_l1_loss(pred.float(), tgt.float())
+    assert torch.equal(out.loss.detach(), paper) and torch.equal(out.pred_loss, paper)
+    assert out.reg_loss.item() == 0.0 and not out.pred_loss.requires_grad
+    _, reg = twin(cfg, images, me, mp, reg="vicreg")
+    assert torch.equal(reg.pred_loss, paper)  # the regulariser does not touch the prediction loss
+
+
+@pytest.mark.parametrize("name", ["vicreg", "sigreg"])
+def test_reg_adds_weighted_term_and_trains_the_encoder_only(setup, name):
+    cfg, model, images, (me, mp) = setup
+    reg_model, out = twin(cfg, images, me, mp, reg=name, reg_weight=2.5)
+    assert (reg_model.reg, reg_model.reg_weight) == (name, 2.5)  # build_ijepa passes the option through
+    assert torch.equal(out.loss.detach(), out.pred_loss + 2.5 * out.reg_loss)
+    assert out.reg_loss > 0 and not out.reg_loss.requires_grad
+    pooled = reg_model.encoder(images, keep_idx=me).mean(dim=1)
+    assert torch.allclose(out.reg_loss, R.reg_loss(name, pooled, 5))  # context features, pooled, this step
+
+    out.loss.backward()
+    plain = model(images, me, mp, step=5)
+    plain.loss.backward()
+    enc_diff = [(a - b).abs().max() for a, b in zip(grads(reg_model.encoder), grads(model.encoder), strict=True)]
+    enc_size = max(g.abs().max() for g in grads(model.encoder))
+    assert max(enc_diff) > 1e-3 * enc_size  # the reg term reaches the context encoder
+    for a, b in zip(grads(reg_model.predictor), grads(model.predictor), strict=True):
+        assert torch.allclose(a, b, atol=1e-7)  # and nothing else
+    assert all(p.grad is None for p in reg_model.target_encoder.parameters())
+
+
+def test_train_step_seeds_sigreg_with_its_step(setup):
+    cfg, _, images, (me, mp) = setup
+    cfg = cfg.replace(**{"optim.reg": "sigreg"})
+    sched = Schedules(cfg.optim, steps_per_epoch=10, epochs=2)
+
+    def stepped(step):
+        torch.manual_seed(0)
+        model = build_ijepa(cfg)
+        return train_step(model, build_optimizer(model, cfg.optim), sched, step, images, me, mp).reg_loss
+
+    for step in (3, 4):
+        assert torch.equal(stepped(step), twin(cfg, images, me, mp, step=step)[1].reg_loss)
+    assert not torch.equal(stepped(3), stepped(4))  # fresh directions every step

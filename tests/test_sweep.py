@@ -48,7 +48,10 @@ def labelled(n_train=16, n_val=16, size=32, classes=4, seed=0):
 def test_grid_and_random_trial_counts(tiny_cfg):
     cfg = tiny(tiny_cfg, **{"tune.strategy": ["multiblock", "random"], "tune.num_samples": 2})
     assert sweep.search_axes(cfg.tune)["pred_scale"] == [[0.15, 0.2], [0.075, 0.2]]
+    assert sweep.search_axes(cfg.tune)["reg"] == ["none"]  # the paper unless asked
     assert sweep.num_trials(cfg.tune) == 2 * 2 * 2  # pred_scale x strategy x repeats
+    regs = cfg.replace(**{"tune.reg": ["none", "vicreg", "sigreg"]}).tune
+    assert sweep.search_axes(regs)["reg"] == ["none", "vicreg", "sigreg"] and sweep.num_trials(regs) == 2 * 2 * 3 * 2
     assert sweep.num_trials(cfg.replace(**{"tune.search": "random", "tune.num_samples": 3}).tune) == 3
 
 
@@ -60,6 +63,11 @@ def test_trial_config_sets_mask_budget_and_worker_share(tiny_cfg):
         ("random", 2, (0.1, 0.2), (0.65, 1.0))
     assert t.mask.pred_aspect == cfg.mask.pred_aspect  # keys outside the space stay
     assert t.pretrain.epochs == 3 and t.ray.resources_per_worker == {"CPU": 0.5} and not t.ray.use_gpu
+    assert t.optim.reg == "none" and t.optim == cfg.optim  # no reg axis in the params: the config's own
+    r = sweep.trial_config(cfg.replace(**{"optim.reg_weight": 0.5}), {**params, "reg": "sigreg"})
+    assert (r.optim.reg, r.optim.reg_weight, r.mask.strategy) == ("sigreg", 0.5, "random")
+    assert sweep.trial_label({**params, "reg": "sigreg"}) == "random M2 tgt 0.1-0.2 ctx 0.65-1 sigreg"
+    assert sweep.trial_label({**params, "reg": "none"}) == "random M2 tgt 0.1-0.2 ctx 0.65-1"
     gpu = sweep.trial_config(cfg.replace(**{"tune.resources_per_trial": {"CPU": 2, "GPU": 1}}), params)
     assert gpu.ray.resources_per_worker == {"CPU": 1.0, "GPU": 0.5} and gpu.ray.use_gpu
     assert sweep.trial_label(params) == "random M2 tgt 0.1-0.2 ctx 0.65-1"
@@ -78,6 +86,8 @@ def test_sweep_name_follows_tune_and_training_sections(tiny_cfg):
 @pytest.mark.parametrize("tune, where", [
     ({"pred_scale": []}, "tune.pred_scale"),
     ({"strategy": []}, "tune.strategy"),
+    ({"reg": []}, "tune.reg"),
+    ({"reg": ["vicreg", "simclr"]}, "tune.reg"),
     ({"enc_scale": [[0.9, 0.4]]}, "tune.enc_scale[0]"),  # min > max
     ({"pred_scale": [[0.1, 1.5]]}, "tune.pred_scale[0]"),  # outside (0, 1]
     ({"pred_scale": [[0.0, 0.2]]}, "tune.pred_scale[0]"),
@@ -132,18 +142,19 @@ def test_probe_score_joins_epoch_reports_without_changing_training(tiny_cfg):
 # ------------------------------------------------------------------------------------------ the table
 
 
-def record(tid, strategy, pred, scores, stopped_at=None, error=None):
+def record(tid, strategy, pred, scores, stopped_at=None, error=None, reg=None):
     hist = [{"epoch": e + 1, sweep.SCORE: s, "probe_top5": 90.0, "val_rankme": 5.0, "rankme": 4.0,
              "epoch_loss": 0.3} for e, s in enumerate(scores[:stopped_at])]
-    return {"trial_id": tid, "params": {"strategy": strategy, "num_targets": 4, "pred_scale": pred,
-                                        "enc_scale": [0.85, 1.0]}, "history": hist, "error": error,
-            "mlflow_run_id": f"run{tid}"}
+    params = {"strategy": strategy, "num_targets": 4, "pred_scale": pred, "enc_scale": [0.85, 1.0]}
+    if reg is not None:  # records of sweeps from before the reg axis have none
+        params["reg"] = reg
+    return {"trial_id": tid, "params": params, "history": hist, "error": error, "mlflow_run_id": f"run{tid}"}
 
 
 def test_table_sorted_one_row_per_trial_with_early_stops(tiny_cfg, tmp_path):
     trials = [record("a", "multiblock", [0.15, 0.2], [20.0, 30.0]),
               record("b", "random", [0.15, 0.2], [25.0, 0.0], stopped_at=1),
-              record("c", "multiblock", [0.075, 0.2], [40.0, 35.0]),
+              record("c", "multiblock", [0.075, 0.2], [40.0, 35.0], reg="vicreg"),
               record("d", "random", [0.075, 0.2], [], error="RuntimeError: boom")]
     df = sweep.results_table(trials, epochs=2)
     assert df["trial"].tolist() == ["c", "a", "b", "d"]  # last-epoch score, failed (NaN) last
@@ -151,6 +162,7 @@ def test_table_sorted_one_row_per_trial_with_early_stops(tiny_cfg, tmp_path):
     assert (c[sweep.SCORE], c["best_" + sweep.SCORE], c["epochs"], c["pred_scale"]) == (35.0, 40.0, 2, "(0.075, 0.2)")
     assert df.set_index("trial")["stopped_early"].to_dict() == {"c": False, "a": False, "b": True, "d": True}
     assert df.set_index("trial").loc["d", "error"] == "RuntimeError: boom"
+    assert df.set_index("trial")["reg"].to_dict() == {"c": "vicreg", "a": "none", "b": "none", "d": "none"}
 
     cfg = tiny(tiny_cfg)
     out = sweep.write_outputs(cfg, tmp_path, trials, (4, 4))
@@ -162,6 +174,7 @@ def test_table_sorted_one_row_per_trial_with_early_stops(tiny_cfg, tmp_path):
     assert md[2].startswith("| trial | strategy |") and len([ln for ln in md if ln.startswith("| ")]) == 5
     best = json.loads((tmp_path / sweep.METRICS_JSON).read_text())
     assert best["best"]["trial"] == "c" and best["best_by_strategy"] == {"multiblock": 35.0, "random": 25.0}
+    assert best["best_by_reg"] == {"none": 30.0, "vicreg": 35.0}
     assert best["trials"] == 4 and best["stopped_early"] == 2
     assert out["summary"] == best
 

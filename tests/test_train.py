@@ -80,6 +80,7 @@ def test_run_reports_history_checkpoints_and_done(cfg):
     assert [r["step"] for r in history] == [1, 2, 3, 4, 5, 6]
     assert set(history[0]) == set(CURVE_COLUMNS)
     assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in history)
+    assert all(r["pred_loss"] == r["loss"] and r["reg_loss"] == 0.0 for r in history)  # optim.reg: none
     # the first step runs with the schedule's value at 1, as the official loop (it steps its scheduler first)
     sched = Schedules(cfg.optim, steps_per_epoch=3, epochs=2)
     assert history[0]["lr"] == pytest.approx(warmup_cosine(1, sched.warmup_steps, 6, cfg.optim.start_lr,
@@ -90,7 +91,9 @@ def test_run_reports_history_checkpoints_and_done(cfg):
     assert done["final_loss"] == history[-1]["loss"]
 
 
-def test_resume_mid_epoch_equals_uninterrupted_run(cfg):
+@pytest.mark.parametrize("reg", ["none", "sigreg"])  # sigreg: random directions drawn from the step
+def test_resume_mid_epoch_equals_uninterrupted_run(cfg, reg):
+    cfg = cfg.replace(**{"optim.reg": reg, "optim.reg_weight": 0.1})
     data = RandomImages(48, 32)
     full = Recorder()
     train_worker(cfg, data, full)
@@ -105,6 +108,9 @@ def test_resume_mid_epoch_equals_uninterrupted_run(cfg):
     assert [r["step"] for r in b["history"]] == [1, 2, 3, 4, 5, 6]  # nothing repeated or lost
     for name, t in a["model"].items():
         assert torch.equal(t, b["model"][name]), name
+    for r in b["history"]:
+        assert r["loss"] == pytest.approx(r["pred_loss"] + 0.1 * r["reg_loss"], rel=1e-6)
+        assert (r["reg_loss"] > 0) == (reg != "none")
 
 
 def test_max_epochs_stops_early_on_the_full_schedule(cfg):

@@ -7,6 +7,11 @@ One forward computes the loss of a batch:
     context  = encoder(images, keep_idx=masks_enc)     (B, Kc, D)
     preds    = predictor(context, masks_enc, masks_pred)  (B, M, Kt, D)
     loss     = smooth_l1(preds, targets)  (official code)  or  mse (the paper's text: L2)
+    loss    += reg_weight * reg(context.mean(1), step)   only when reg is not "none" (not in the paper)
+
+The regulariser (pipeline/regularizers.py: "vicreg" or "sigreg") reads the context encoder's outputs
+average-pooled over its kept tokens (B, D), as C-JEPA and LeJEPA do; with reg "none" nothing is added
+and the loss is the paper's, bit for bit.
 
 `update_target(m)` moves the target toward the context encoder: target <- m * target + (1 - m) * online.
 """
@@ -24,26 +29,33 @@ from pipeline.config import Config
 from pipeline.masks import apply_masks
 from pipeline.models.encoder import Encoder, build_encoder
 from pipeline.models.predictor import Predictor, build_predictor
+from pipeline.regularizers import BY_NAME, reg_loss
 from pipeline.schedules import ema_update
 
 
 @dataclass
 class IJEPAOutput:
-    loss: Tensor  # () scalar, with grad
+    loss: Tensor  # () scalar, with grad: pred_loss + reg_weight * reg_loss
     target_std: Tensor  # () detached: mean over dims of the std across the batch of pooled targets (collapse)
     target_pooled: Tensor  # (B, D) detached: average-pooled normalised target features (for RankMe)
+    pred_loss: Tensor  # () detached: the prediction loss alone
+    reg_loss: Tensor  # () detached: the regulariser before its weight (0 when reg is "none")
 
 
 class IJEPA(nn.Module):
-    def __init__(self, encoder: Encoder, predictor: Predictor, loss: str = "smooth_l1"):
+    def __init__(self, encoder: Encoder, predictor: Predictor, loss: str = "smooth_l1", reg: str = "none",
+                 reg_weight: float = 1.0):
         super().__init__()
         if loss not in ("smooth_l1", "l2"):
             raise ValueError(f"loss {loss!r} is not allowed; expected smooth_l1 or l2")
+        if reg != "none" and reg not in BY_NAME:
+            raise ValueError(f"reg {reg!r} is not allowed; expected none or one of {sorted(BY_NAME)}")
         self.encoder = encoder
         self.predictor = predictor
         self.target_encoder = copy.deepcopy(encoder)
         self.target_encoder.requires_grad_(False)
         self.loss_name = loss
+        self.reg, self.reg_weight = reg, reg_weight
 
     def train(self, mode: bool = True) -> IJEPA:
         super().train(mode)
@@ -58,8 +70,11 @@ class IJEPA(nn.Module):
         B, M, Kt = masks_pred.shape
         return apply_masks(h, masks_pred.reshape(B, M * Kt)).reshape(B, M, Kt, h.size(-1)), h
 
-    def forward(self, images: Tensor, masks_enc: Tensor, masks_pred: Tensor) -> IJEPAOutput:
-        """images (B, 3, H, W); masks_enc (B, Kc); masks_pred (B, M, Kt) -> loss and collapse statistics."""
+    def forward(self, images: Tensor, masks_enc: Tensor, masks_pred: Tensor, step: int = 0) -> IJEPAOutput:
+        """images (B, 3, H, W); masks_enc (B, Kc); masks_pred (B, M, Kt) -> loss and collapse statistics.
+
+        `step` (the 0-based training step) seeds the regulariser's random directions (sigreg) only.
+        """
         tgt, h = self.targets(images, masks_pred)
         ctx = self.encoder(images, keep_idx=masks_enc)
         pred = self.predictor(ctx, masks_enc, masks_pred)
@@ -67,8 +82,15 @@ class IJEPA(nn.Module):
             loss = F.smooth_l1_loss(pred.float(), tgt.float())
         else:
             loss = F.mse_loss(pred.float(), tgt.float())
+        pred_loss = loss.detach()
+        if self.reg == "none":
+            reg = torch.zeros((), device=loss.device)
+        else:
+            reg = reg_loss(self.reg, ctx.mean(dim=1), step)
+            loss = loss + self.reg_weight * reg
         pooled = h.float().mean(dim=1)
-        return IJEPAOutput(loss=loss, target_std=pooled.std(dim=0).mean(), target_pooled=pooled)
+        return IJEPAOutput(loss=loss, target_std=pooled.std(dim=0).mean(), target_pooled=pooled,
+                           pred_loss=pred_loss, reg_loss=reg.detach())
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
@@ -77,6 +99,8 @@ class IJEPA(nn.Module):
 
 
 def build_ijepa(cfg: Config) -> IJEPA:
-    """The I-JEPA module for `cfg.model` at `cfg.data.image_size`, loss `cfg.optim.loss`."""
+    """The I-JEPA module for `cfg.model` at `cfg.data.image_size`, loss `cfg.optim.loss`, regulariser
+    `cfg.optim.reg` at `cfg.optim.reg_weight`."""
     size = cfg.data.image_size
-    return IJEPA(build_encoder(cfg.model, size), build_predictor(cfg.model, size), cfg.optim.loss)
+    o = cfg.optim
+    return IJEPA(build_encoder(cfg.model, size), build_predictor(cfg.model, size), o.loss, o.reg, o.reg_weight)
