@@ -336,7 +336,7 @@ def _sweep_trial(params: dict[str, Any], *, cfg: Config, root: str, trial_config
     run_id = id_file.read_text().strip() if id_file.is_file() else None
     if run_id and tracking.run_status(run_id) is None:
         run_id = None
-    run_params = {"trial_id": trial_id, **{f"mask.{k}": v for k, v in params.items()},
+    run_params = {"trial_id": trial_id, **{f"trial.{k}": v for k, v in params.items()},  # the search axes
                   "tune.epochs": cfg.tune.epochs, "ray.resources_per_worker": tcfg.ray.resources_per_worker}
     opened = (tracking.pipeline_run(tcfg, label(params), run_id=run_id, root=root_path) if run_id
               else tracking.child_run(parent_run_id, label(params), params=run_params))

@@ -260,6 +260,8 @@ def mask_strategies_figure(cfg: MaskConfig, grid: tuple[int, int], path: str | P
 
 CURVE_LABELS = {
     "loss": "loss (log scale)",
+    "pred_loss": "prediction loss (without the regulariser)",
+    "reg_loss": "regulariser loss (optim.reg)",
     "lr": "learning rate",
     "wd": "weight decay",
     "momentum": "EMA momentum (target encoder)",
@@ -274,6 +276,13 @@ CURVE_LABELS = {
 }
 
 
+def _redundant(history: pd.DataFrame, col: str) -> bool:
+    """Without a regulariser, pred_loss repeats loss and reg_loss is 0: no panel for them."""
+    if col == "pred_loss" and "loss" in history.columns:
+        return bool(history["pred_loss"].equals(history["loss"]))
+    return col == "reg_loss" and bool((history["reg_loss"].fillna(0) == 0).all())
+
+
 def training_curves(history: pd.DataFrame, path: str | Path, *, collapse_std_min: float | None = None,
                     collapse_rank_min: float | None = None, title: str = "") -> Path:
     """One panel per curve against `step`: the columns of CURVE_LABELS that are present, in that order,
@@ -285,7 +294,7 @@ def training_curves(history: pd.DataFrame, path: str | Path, *, collapse_std_min
         raise PipelineError(f"history columns {list(history.columns)} lack 'step'")
     others = [c for c in history.columns if c != "step" and c not in CURVE_LABELS
               and pd.api.types.is_numeric_dtype(history[c])]
-    cols = [c for c in CURVE_LABELS if c in history.columns] + others
+    cols = [c for c in CURVE_LABELS if c in history.columns and not _redundant(history, c)] + others
     if not cols:
         raise PipelineError(f"history columns {list(history.columns)} hold no curve; expected any of "
                             f"{list(CURVE_LABELS)}")

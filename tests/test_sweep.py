@@ -231,7 +231,7 @@ def test_two_trial_sweep_end_to_end_then_read_back(tiny_cfg, tiny_data, tmp_path
     parent = [r for r in runs if r.info.run_id == summary["mlflow_run_id"]]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["mlflow_run_id"]]
     assert len(parent) == 1 and len(children) == 2
-    assert {c.data.params["mask.pred_scale"] for c in children} == {"[0.15, 0.2]", "[0.075, 0.2]"}
+    assert {c.data.params["trial.pred_scale"] for c in children} == {"[0.15, 0.2]", "[0.075, 0.2]"}
     assert all(c.info.status == "FINISHED" for c in children)
     import mlflow
 
