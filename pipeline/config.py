@@ -351,6 +351,11 @@ class Config:
         _check(self.preset in PRESETS, "preset", self.preset, f"one of {list(PRESETS)}")
         grid, patch = self.data.image_size, self.model.patch_size
         _check(grid % patch == 0, "data.image_size", grid, f"a multiple of model.patch_size ({patch})")
+        # Both regularisers are statistics over each worker's slice of the batch (variances, a normality test).
+        per_worker = self.pretrain.batch_size // self.ray.num_workers
+        _check(self.optim.reg == "none" or per_worker >= 2, "optim.reg", self.optim.reg,
+               f"'none' with {per_worker} image(s) per worker (pretrain.batch_size / ray.num_workers); "
+               "a regulariser needs at least 2")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

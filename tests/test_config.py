@@ -133,6 +133,9 @@ def test_regularizer_is_off_by_default_and_in_every_preset():
     ({"optim": {"reg_weight": -1}}, "params: optim.reg_weight = -1.0 is not allowed; expected a number >= 0"),
     ({"tune": {"reg": ["none", "foo"]}},
      "params: tune.reg = 'foo' is not allowed; expected each one of ['none', 'vicreg', 'sigreg']"),
+    ({"optim": {"reg": "vicreg"}, "pretrain": {"batch_size": 2}},  # 2 workers: 1 image each, no variance
+     "params: optim.reg = 'vicreg' is not allowed; expected 'none' with 1 image(s) per worker "
+     "(pretrain.batch_size / ray.num_workers); a regulariser needs at least 2"),
 ])
 def test_regularizer_messages(override, message):
     with pytest.raises(ConfigError) as err:
