@@ -182,6 +182,10 @@ class OptimConfig:
     # sigreg is on a larger scale (pipeline/regularizers.py).
     reg: Regularizer = "none"
     reg_weight: float = 1.0
+    # What it regularises: "pooled", the context encoder's mean token per image (C-JEPA, LeJEPA), or
+    # "patches", every context token minus its image's mean (within-image spread: on the demo scenes the
+    # pooled choice still let all patches of an image collapse onto one vector, docs/findings.md).
+    reg_on: Literal["pooled", "patches"] = "pooled"
 
     def __post_init__(self):
         for key in ("lr", "start_lr", "final_lr", "weight_decay", "final_weight_decay"):

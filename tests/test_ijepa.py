@@ -150,6 +150,22 @@ def test_reg_adds_weighted_term_and_trains_the_encoder_only(setup, name):
     assert all(p.grad is None for p in reg_model.target_encoder.parameters())
 
 
+def test_reg_on_patches_sees_only_the_spread_within_each_image(setup):
+    cfg, _, images, (me, mp) = setup
+    reg_model, out = twin(cfg, images, me, mp, reg="vicreg", reg_on="patches")
+    with torch.no_grad():
+        ctx = reg_model.encoder(images, keep_idx=me)  # (B, Kc, D)
+    centred = (ctx - ctx.mean(dim=1, keepdim=True)).reshape(-1, ctx.size(-1))
+    assert torch.allclose(out.reg_loss, R.reg_loss("vicreg", centred, 5))
+    # tokens that differ between images but not within one: no within-image spread, the variance hinge is maxed
+    same = ctx.mean(dim=1, keepdim=True).expand_as(ctx)
+    assert float(R.vicreg_variance(reg_model.reg_input(same))) == pytest.approx(1 - 1e-2, abs=1e-3)
+    assert float(R.vicreg_variance(reg_model.reg_input(ctx))) < float(R.vicreg_variance(reg_model.reg_input(same)))
+    with pytest.raises(ValueError, match="reg_on"):
+        build_ijepa(cfg.replace(**{"optim.reg_on": "pooled"})).__class__(
+            reg_model.encoder, reg_model.predictor, reg="vicreg", reg_on="tokens")
+
+
 def test_train_step_seeds_sigreg_with_its_step(setup):
     cfg, _, images, (me, mp) = setup
     cfg = cfg.replace(**{"optim.reg": "sigreg"})

@@ -44,18 +44,20 @@ class IJEPAOutput:
 
 class IJEPA(nn.Module):
     def __init__(self, encoder: Encoder, predictor: Predictor, loss: str = "smooth_l1", reg: str = "none",
-                 reg_weight: float = 1.0):
+                 reg_weight: float = 1.0, reg_on: str = "pooled"):
         super().__init__()
         if loss not in ("smooth_l1", "l2"):
             raise ValueError(f"loss {loss!r} is not allowed; expected smooth_l1 or l2")
         if reg != "none" and reg not in BY_NAME:
             raise ValueError(f"reg {reg!r} is not allowed; expected none or one of {sorted(BY_NAME)}")
+        if reg_on not in ("pooled", "patches"):
+            raise ValueError(f"reg_on {reg_on!r} is not allowed; expected pooled or patches")
         self.encoder = encoder
         self.predictor = predictor
         self.target_encoder = copy.deepcopy(encoder)
         self.target_encoder.requires_grad_(False)
         self.loss_name = loss
-        self.reg, self.reg_weight = reg, reg_weight
+        self.reg, self.reg_weight, self.reg_on = reg, reg_weight, reg_on
 
     def train(self, mode: bool = True) -> IJEPA:
         super().train(mode)
@@ -86,11 +88,18 @@ class IJEPA(nn.Module):
         if self.reg == "none":
             reg = torch.zeros((), device=loss.device)
         else:
-            reg = reg_loss(self.reg, ctx.mean(dim=1), step)
+            reg = reg_loss(self.reg, self.reg_input(ctx), step)
             loss = loss + self.reg_weight * reg
         pooled = h.float().mean(dim=1)
         return IJEPAOutput(loss=loss, target_std=pooled.std(dim=0).mean(), target_pooled=pooled,
                            pred_loss=pred_loss, reg_loss=reg.detach())
+
+    def reg_input(self, ctx: Tensor) -> Tensor:
+        """Context tokens (B, Kc, D) -> what the regulariser sees: pooled (B, D), or patches centred on their
+        image's mean (B * Kc, D), so that only the spread within each image counts."""
+        if self.reg_on == "pooled":
+            return ctx.mean(dim=1)
+        return (ctx - ctx.mean(dim=1, keepdim=True)).reshape(-1, ctx.size(-1))
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
@@ -100,7 +109,8 @@ class IJEPA(nn.Module):
 
 def build_ijepa(cfg: Config) -> IJEPA:
     """The I-JEPA module for `cfg.model` at `cfg.data.image_size`, loss `cfg.optim.loss`, regulariser
-    `cfg.optim.reg` at `cfg.optim.reg_weight`."""
+    `cfg.optim.reg` at `cfg.optim.reg_weight` on `cfg.optim.reg_on`."""
     size = cfg.data.image_size
     o = cfg.optim
-    return IJEPA(build_encoder(cfg.model, size), build_predictor(cfg.model, size), o.loss, o.reg, o.reg_weight)
+    return IJEPA(build_encoder(cfg.model, size), build_predictor(cfg.model, size), o.loss, o.reg, o.reg_weight,
+                 o.reg_on)
