@@ -80,11 +80,15 @@ def diagnose(model: torch.nn.Module, images: Tensor, masks_enc: Tensor, masks_pr
         model.train(was_training)
 
 
-def alarms(diag: dict[str, float], std_min: float, rank_min: float) -> list[str]:
-    """What in `diag` reads as representation collapse: [] when healthy."""
+def alarms(diag: dict[str, float], std_min: float, rank_min: float, armed: bool = False) -> list[str]:
+    """What in `diag` reads as collapse (low feature std, low RankMe) or, when `armed` (the model has beaten
+    the context-mean guess at an earlier check: an untrained predictor never does), as a task turned
+    trivial (the model no better than that guess again, within-image collapse's signature): [] when healthy."""
     out = []
     if diag["feature_std"] < std_min:
         out.append(f"feature_std {diag['feature_std']:.4g} < {std_min:g}")
     if diag["rankme"] < rank_min:
         out.append(f"rankme {diag['rankme']:.3g} < {rank_min:g}")
+    if armed and diag["heldout_loss"] >= diag["trivial_loss"]:
+        out.append(f"held-out loss {diag['heldout_loss']:.4g} >= context-mean guess {diag['trivial_loss']:.4g}")
     return out

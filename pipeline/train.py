@@ -345,7 +345,8 @@ def train_worker(cfg: Config, dataset: Dataset, report: ReportFn, *, restore: di
                     if bar is not None:
                         bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
                     if is_diag and diag_batch is not None:
-                        collapse_tagged = _collapse_alarm(cfg, row, tracker, collapse_tagged)
+                        collapse_tagged = _collapse_alarm(cfg, row, tracker, collapse_tagged,
+                                                          _beaten_guess(history[:-1]))
             metrics: dict[str, Any] = {}
             if step == epoch_start + spe:  # a full epoch ended: what a sweep compares
                 epoch_mean = float(_all_reduce(epoch_loss.clone()) / (world * spe))
@@ -388,10 +389,17 @@ def _checkpoint(report: ReportFn, rank: int, model: IJEPA, opt: torch.optim.Opti
         report(metrics, Path(d))
 
 
-def _collapse_alarm(cfg: Config, row: dict[str, float], tracker: Tracker | None, tagged: bool) -> bool:
-    """Warn (once per run) and tag the MLflow run when the diagnostics batch's target features collapse."""
+def _beaten_guess(rows: list[dict[str, float]]) -> bool:
+    """Has the model beaten the context-mean guess at some diagnostics step of `rows`? (NaN rows: no.)"""
+    return any(r.get("heldout_loss", float("nan")) < r.get("trivial_loss", float("nan")) for r in rows)
+
+
+def _collapse_alarm(cfg: Config, row: dict[str, float], tracker: Tracker | None, tagged: bool,
+                    armed: bool) -> bool:
+    """Warn (once per run) and tag the MLflow run when the diagnostics batch shows collapse or, `armed`,
+    a task turned trivial (see `pipeline.diagnostics.alarms`)."""
     p = cfg.pretrain
-    found = alarms(row, p.collapse_std_min, p.collapse_rank_min)
+    found = alarms(row, p.collapse_std_min, p.collapse_rank_min, armed)
     if not found or tagged:
         return tagged
     what = f"step {row['step']}: " + ", ".join(found)
