@@ -16,6 +16,7 @@ from pipeline.step import build_optimizer, set_schedules, train_step
 
 @pytest.fixture
 def setup(tiny_cfg):
+    tiny_cfg = tiny_cfg.replace(**{"optim.reg": "none", "optim.reg_on": "pooled"})  # the paper's objective
     torch.manual_seed(0)
     model = build_ijepa(tiny_cfg)
     grid = model.encoder.grid_size

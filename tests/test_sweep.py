@@ -48,7 +48,7 @@ def labelled(n_train=16, n_val=16, size=32, classes=4, seed=0):
 def test_grid_and_random_trial_counts(tiny_cfg):
     cfg = tiny(tiny_cfg, **{"tune.strategy": ["multiblock", "random"], "tune.num_samples": 2})
     assert sweep.search_axes(cfg.tune)["pred_scale"] == [[0.15, 0.2], [0.075, 0.2]]
-    assert sweep.search_axes(cfg.tune)["reg"] == ["none"]  # the paper unless asked
+    assert sweep.search_axes(cfg.tune)["reg"] == ["vicreg"]  # the demo's own regulariser unless asked
     assert sweep.num_trials(cfg.tune) == 2 * 2 * 2  # pred_scale x strategy x repeats
     regs = cfg.replace(**{"tune.reg": ["none", "vicreg", "sigreg"]}).tune
     assert sweep.search_axes(regs)["reg"] == ["none", "vicreg", "sigreg"] and sweep.num_trials(regs) == 2 * 2 * 3 * 2
@@ -63,7 +63,7 @@ def test_trial_config_sets_mask_budget_and_worker_share(tiny_cfg):
         ("random", 2, (0.1, 0.2), (0.65, 1.0))
     assert t.mask.pred_aspect == cfg.mask.pred_aspect  # keys outside the space stay
     assert t.pretrain.epochs == 3 and t.ray.resources_per_worker == {"CPU": 0.5} and not t.ray.use_gpu
-    assert t.optim.reg == "none" and t.optim == cfg.optim  # no reg axis in the params: the config's own
+    assert t.optim.reg == "vicreg" and t.optim == cfg.optim  # no reg axis in the params: the config's own
     r = sweep.trial_config(cfg.replace(**{"optim.reg_weight": 0.5}), {**params, "reg": "sigreg"})
     assert (r.optim.reg, r.optim.reg_weight, r.mask.strategy) == ("sigreg", 0.5, "random")
     assert sweep.trial_label({**params, "reg": "sigreg"}) == "random M2 tgt 0.1-0.2 ctx 0.65-1 sigreg"
