@@ -416,6 +416,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # context-mean guess; with it, over 3 seeds at 444 steps, shape +5 points and count no longer below
         # random init (docs/findings.md).
         "optim.reg": "vicreg",
+        "optim.reg_weight": 3.0,  # over 3 seeds, shape +1 / +2 and count +1 points above weight 1
         "optim.reg_on": "patches",
         "tune.reg": ("vicreg",),  # the sweep's trials train as the demo does
         "pretrain.epochs": 12,  # 444 steps

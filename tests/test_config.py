@@ -123,7 +123,7 @@ def test_regularizer_is_off_in_the_paper_and_on_within_images_in_the_demo():
     assert from_dict({}).optim == paper.optim  # the paper preset is the dataclass defaults
     demo = load_config(ROOT / "params.yaml")
     assert (demo.optim.reg, demo.optim.reg_weight, demo.optim.reg_on, demo.tune.reg) == \
-        ("vicreg", 1.0, "patches", ("vicreg",))
+        ("vicreg", 3.0, "patches", ("vicreg",))
     on = from_dict({"optim": {"reg": "sigreg", "reg_weight": 0.05}, "tune": {"reg": ["none", "vicreg", "sigreg"]}})
     assert (on.optim.reg, on.optim.reg_weight, on.tune.reg) == ("sigreg", 0.05, ("none", "vicreg", "sigreg"))
 
