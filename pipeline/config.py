@@ -36,7 +36,7 @@ ENCODER_PRESETS: dict[str, tuple[int, int, int, float]] = {
 }
 PATCH_SIZES = (8, 14, 16)
 MASK_STRATEGIES = ("multiblock", "random", "block", "rasterized")
-# Anti-collapse terms on the pooled context features (pipeline/regularizers.py); "none" is the paper.
+# Anti-collapse terms on the context features (pipeline/regularizers.py, optim.reg_on); "none" is the paper.
 Regularizer = Literal["none", "vicreg", "sigreg"]
 REGULARIZERS: tuple[str, ...] = typing.get_args(Regularizer)
 
@@ -177,7 +177,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     loss: Literal["smooth_l1", "l2"] = "smooth_l1"
     grad_clip: float | None = None
-    # Not in the paper: loss = prediction loss + reg_weight * regulariser(pooled context features).
+    # Not in the paper: loss = prediction loss + reg_weight * regulariser(context features, see reg_on).
     # reg_weight is read only when reg is not "none"; 1.0 is VICReg's own balance for vicreg, while
     # sigreg is on a larger scale (pipeline/regularizers.py).
     reg: Regularizer = "none"

@@ -22,11 +22,11 @@ All are floats; `alarms(diag, std_min, rank_min)` names what reads as collapse.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.masks import apply_masks
 from pipeline.metrics import rankme
+from pipeline.models.ijepa import select_targets
 
 DIAG_COLUMNS = ("rankme", "feature_std", "position_share", "image_share", "heldout_loss", "trivial_loss")
 
@@ -57,10 +57,6 @@ def representation_stats(h: Tensor) -> dict[str, float]:
             "position_share": position, "image_share": image}
 
 
-def _loss(pred: Tensor, target: Tensor, name: str) -> Tensor:
-    return F.smooth_l1_loss(pred, target) if name == "smooth_l1" else F.mse_loss(pred, target)
-
-
 @torch.no_grad()
 def diagnose(model: torch.nn.Module, images: Tensor, masks_enc: Tensor, masks_pred: Tensor) -> dict[str, float]:
     """The figures of the module docstring for an `IJEPA` model: images (n, 3, S, S), masks_enc (n, Kc),
@@ -69,13 +65,11 @@ def diagnose(model: torch.nn.Module, images: Tensor, masks_enc: Tensor, masks_pr
     model.eval()
     try:
         h = model.target_encoder(images).float()  # (n, N, D): what the evaluations pool
-        targets_all = F.layer_norm(h, (h.size(-1),))  # what the predictor is trained to match
-        n, M, Kt = masks_pred.shape
-        targets = apply_masks(targets_all, masks_pred.reshape(n, M * Kt)).reshape(n, M, Kt, -1)
-        pred = model.predictor(model.encoder(images, keep_idx=masks_enc), masks_enc, masks_pred).float()
+        targets, targets_all = select_targets(h, masks_pred)  # what the predictor is trained to match
+        pred = model.predictor(model.encoder(images, keep_idx=masks_enc), masks_enc, masks_pred)
         guess = apply_masks(targets_all, masks_enc).mean(1)[:, None, None, :].expand_as(targets)
-        return {**representation_stats(h), "heldout_loss": float(_loss(pred, targets, model.loss_name)),
-                "trivial_loss": float(_loss(guess, targets, model.loss_name))}
+        return {**representation_stats(h), "heldout_loss": float(model.prediction_loss(pred, targets)),
+                "trivial_loss": float(model.prediction_loss(guess, targets))}
     finally:
         model.train(was_training)
 

@@ -286,7 +286,7 @@ def _last_diagnostics(history: pd.DataFrame) -> dict[str, float | None]:
     """The last logged value of each diagnostics column (`pipeline.diagnostics`), None if never logged."""
     out: dict[str, float | None] = {}
     for col in DIAG_COLUMNS:
-        values = history[col].dropna() if col in history else []
+        values = history[col].dropna()
         out[col] = float(values.iloc[-1]) if len(values) else None
     return out
 

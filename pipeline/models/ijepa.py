@@ -7,11 +7,12 @@ One forward computes the loss of a batch:
     context  = encoder(images, keep_idx=masks_enc)     (B, Kc, D)
     preds    = predictor(context, masks_enc, masks_pred)  (B, M, Kt, D)
     loss     = smooth_l1(preds, targets)  (official code)  or  mse (the paper's text: L2)
-    loss    += reg_weight * reg(context.mean(1), step)   only when reg is not "none" (not in the paper)
+    loss    += reg_weight * reg(reg_input(context), step)   only when reg is not "none" (not in the paper)
 
 The regulariser (pipeline/regularizers.py: "vicreg" or "sigreg") reads the context encoder's outputs
-average-pooled over its kept tokens (B, D), as C-JEPA and LeJEPA do; with reg "none" nothing is added
-and the loss is the paper's, bit for bit.
+average-pooled over its kept tokens (B, D), as C-JEPA and LeJEPA do (reg_on "pooled"), or every context
+token minus its image's mean (B * Kc, D) (reg_on "patches"); with reg "none" nothing is added and the
+loss is the paper's, bit for bit.
 
 `update_target(m)` moves the target toward the context encoder: target <- m * target + (1 - m) * online.
 """
@@ -37,7 +38,6 @@ from pipeline.schedules import ema_update
 class IJEPAOutput:
     loss: Tensor  # () scalar, with grad: pred_loss + reg_weight * reg_loss
     target_std: Tensor  # () detached: mean over dims of the std across the batch of pooled targets (collapse)
-    target_pooled: Tensor  # (B, D) detached: average-pooled normalised target features (for RankMe)
     pred_loss: Tensor  # () detached: the prediction loss alone
     reg_loss: Tensor  # () detached: the regulariser before its weight (0 when reg is "none")
 
@@ -67,10 +67,13 @@ class IJEPA(nn.Module):
     @torch.no_grad()
     def targets(self, images: Tensor, masks_pred: Tensor) -> tuple[Tensor, Tensor]:
         """images (B, 3, H, W), masks_pred (B, M, Kt) -> targets (B, M, Kt, D) and all patches (B, N, D)."""
-        h = self.target_encoder(images)
-        h = F.layer_norm(h, (h.size(-1),))
-        B, M, Kt = masks_pred.shape
-        return apply_masks(h, masks_pred.reshape(B, M * Kt)).reshape(B, M, Kt, h.size(-1)), h
+        return select_targets(self.target_encoder(images), masks_pred)
+
+    def prediction_loss(self, pred: Tensor, tgt: Tensor) -> Tensor:
+        """The I-JEPA loss (`loss_name`) of predictions against targets, both (B, M, Kt, D), in float32."""
+        if self.loss_name == "smooth_l1":
+            return F.smooth_l1_loss(pred.float(), tgt.float())
+        return F.mse_loss(pred.float(), tgt.float())
 
     def forward(self, images: Tensor, masks_enc: Tensor, masks_pred: Tensor, step: int = 0) -> IJEPAOutput:
         """images (B, 3, H, W); masks_enc (B, Kc); masks_pred (B, M, Kt) -> loss and collapse statistics.
@@ -80,10 +83,7 @@ class IJEPA(nn.Module):
         tgt, h = self.targets(images, masks_pred)
         ctx = self.encoder(images, keep_idx=masks_enc)
         pred = self.predictor(ctx, masks_enc, masks_pred)
-        if self.loss_name == "smooth_l1":
-            loss = F.smooth_l1_loss(pred.float(), tgt.float())
-        else:
-            loss = F.mse_loss(pred.float(), tgt.float())
+        loss = self.prediction_loss(pred, tgt)
         pred_loss = loss.detach()
         if self.reg == "none":
             reg = torch.zeros((), device=loss.device)
@@ -91,8 +91,8 @@ class IJEPA(nn.Module):
             reg = reg_loss(self.reg, self.reg_input(ctx), step)
             loss = loss + self.reg_weight * reg
         pooled = h.float().mean(dim=1)
-        return IJEPAOutput(loss=loss, target_std=pooled.std(dim=0).mean(), target_pooled=pooled,
-                           pred_loss=pred_loss, reg_loss=reg.detach())
+        return IJEPAOutput(loss=loss, target_std=pooled.std(dim=0).mean(), pred_loss=pred_loss,
+                           reg_loss=reg.detach())
 
     def reg_input(self, ctx: Tensor) -> Tensor:
         """Context tokens (B, Kc, D) -> what the regulariser sees: pooled (B, D), or patches centred on their
@@ -105,6 +105,14 @@ class IJEPA(nn.Module):
     def update_target(self, momentum: float) -> None:
         """target <- momentum * target + (1 - momentum) * encoder, over every parameter, in one fused call."""
         ema_update(self.target_encoder.parameters(), self.encoder.parameters(), momentum)
+
+
+def select_targets(h: Tensor, masks_pred: Tensor) -> tuple[Tensor, Tensor]:
+    """Target-encoder outputs h (B, N, D), masks_pred (B, M, Kt) -> the layer-normed (no affine) targets
+    (B, M, Kt, D) and all layer-normed patches (B, N, D)."""
+    h = F.layer_norm(h, (h.size(-1),))
+    B, M, Kt = masks_pred.shape
+    return apply_masks(h, masks_pred.reshape(B, M * Kt)).reshape(B, M, Kt, h.size(-1)), h
 
 
 def build_ijepa(cfg: Config) -> IJEPA:
