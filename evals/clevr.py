@@ -58,9 +58,8 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
     kw = {"cache_dir": ctx.cache_dir, "num_workers": cfg.data.num_workers}
     metrics[pixels.NAME] = {}
     for task, (train, val) in tasks.items():  # both tasks share the images: the second reads the cache
-        res = pixels.pixel_probe(pixels.pixel_features(train, cfg.eval_clevr, **kw),
-                                 pixels.pixel_features(val, cfg.eval_clevr, **kw), cfg.eval_clevr,
-                                 getattr(getattr(train, "dataset", train), "num_classes", None))
+        res = pixels.pixel_baseline(train, val, cfg.eval_clevr, **kw,
+                                    num_classes=getattr(getattr(train, "dataset", train), "num_classes", None))
         metrics[pixels.NAME][task] = {"top1": res["top1"]}  # VTAB reports top-1 only
     params = {**common.section_params(cfg.eval_clevr, NAME), "chosen": chosen,
               "n_train": len(tasks[TASKS[0]][0]), "n_val": len(tasks[TASKS[0]][1])}

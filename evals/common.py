@@ -42,6 +42,7 @@ METRICS_DIR = "metrics"
 CACHE_DIR = Path(".cache") / "features"
 HPARAM_KEYS = ("lr", "weight_decay")
 ENCODERS = ("ijepa", "random")  # the pretrained target encoder and its random-init twin
+DIAGNOSTICS = "diagnostics"  # eval_linear's section of representation statistics per encoder (no probe)
 
 
 @dataclass

@@ -16,7 +16,6 @@ from pipeline.diagnostics import representation_stats
 from pipeline.errors import PipelineError
 
 NAME = "eval_linear"
-DIAGNOSTICS = "diagnostics"  # the metrics file's section of representation statistics (no probe)
 DIAG_IMAGES = 512
 
 
@@ -75,9 +74,8 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
                for name, enc in ctx.encoders.items()}
     metrics, chosen = common.split_results(results)
     kw = {"cache_dir": ctx.cache_dir, "num_workers": cfg.data.num_workers}
-    metrics[pixels.NAME] = pixels.pixel_probe(pixels.pixel_features(train, cfg.eval_linear, **kw),
-                                              pixels.pixel_features(val, cfg.eval_linear, **kw), cfg.eval_linear)
-    metrics[DIAGNOSTICS] = representation_diagnostics(ctx.encoders, val, cfg.eval_linear, **kw)
+    metrics[pixels.NAME] = pixels.pixel_baseline(train, val, cfg.eval_linear, **kw)
+    metrics[common.DIAGNOSTICS] = representation_diagnostics(ctx.encoders, val, cfg.eval_linear, **kw)
     params = {**common.section_params(cfg.eval_linear, NAME), "chosen": chosen,
               "n_train": len(train), "n_val": len(val)}
     common.finish(cfg, ctx, NAME, metrics, params)

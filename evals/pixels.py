@@ -58,6 +58,16 @@ def pixel_features(ds: Dataset, cfg: ProbeConfig, *, rows: Sequence[int] | None 
     return {k: v[idx] for k, v in full.items()}
 
 
+def pixel_baseline(train: Dataset, val: Dataset, cfg: ProbeConfig, *, rows: Sequence[int] | None = None,
+                   num_classes: int | None = None, cache_dir: str | Path | None = None,
+                   num_workers: int = 0) -> dict[str, Any]:
+    """{"top1", "top5"} (%) of the probe on the pixels of `train` (its `rows` only, when given) and `val`:
+    what an evaluation stage writes under NAME."""
+    kw = {"cache_dir": cache_dir, "num_workers": num_workers}
+    return pixel_probe(pixel_features(train, cfg, rows=rows, **kw), pixel_features(val, cfg, **kw), cfg,
+                       num_classes)
+
+
 def pixel_probe(ftr: dict[str, Tensor], fva: dict[str, Tensor], cfg: ProbeConfig,
                 num_classes: int | None = None) -> dict[str, Any]:
     """{"top1", "top5"} (%) of the linear probe (the evaluation's protocol and grid) on pixel features

@@ -36,7 +36,6 @@ from pipeline.errors import PipelineError
 NAME = "report"
 EVALS = {"eval_linear": "linear", "eval_semi": "semi_1pct", "eval_clevr": "clevr", "eval_depth": "depth"}
 REPORT_DIR = "reports"
-DIAGNOSTICS = "diagnostics"  # eval_linear's representation statistics per encoder (evals.linear)
 PAIRED = "paired"  # the metrics files' section of paired statistics (evals.paired); p-values go to p.<view>
 COLUMNS = ([f"{e}.{v}" for e in common.ENCODERS for v in VIEWS] + [f"margin.{v}" for v in VIEWS]
            + [f"p.{v}" for v in VIEWS] + ["baseline"])
@@ -56,7 +55,7 @@ def build_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
     for stage, doc in results.items():
         label = EVALS.get(stage, stage)
         for top, sub in doc.items():
-            if top == DIAGNOSTICS:  # not a probe figure: its own table (diagnostics_table)
+            if top == common.DIAGNOSTICS:  # not a probe figure: its own table (diagnostics_table)
                 continue
             for path, value in _leaves(sub):
                 if top == PAIRED:  # (task..., view, figure, stat): the figure's row gets p.<view>
@@ -86,7 +85,7 @@ def diagnostics_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame | None
     """{encoder: {rankme, feature_std, position_share, image_share}} of the metrics files -> a DataFrame
     indexed by (evaluation, encoder); None when no file has a diagnostics section."""
     rows = {(EVALS.get(stage, stage), enc): stats for stage, doc in results.items()
-            for enc, stats in doc.get(DIAGNOSTICS, {}).items()}
+            for enc, stats in doc.get(common.DIAGNOSTICS, {}).items()}
     if not rows:
         return None
     table = pd.DataFrame.from_dict(rows, orient="index")

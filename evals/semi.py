@@ -68,9 +68,8 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
                                    num_workers=cfg.data.num_workers, hits=True)
                for name, enc in ctx.encoders.items()}
     metrics, chosen = common.split_results(results)
-    kw = {"cache_dir": ctx.cache_dir, "num_workers": cfg.data.num_workers}
-    metrics[pixels.NAME] = pixels.pixel_probe(pixels.pixel_features(train, cfg.eval_semi, rows=subset, **kw),
-                                              pixels.pixel_features(val, cfg.eval_semi, **kw), cfg.eval_semi)
+    metrics[pixels.NAME] = pixels.pixel_baseline(train, val, cfg.eval_semi, rows=subset, cache_dir=ctx.cache_dir,
+                                                 num_workers=cfg.data.num_workers)
     params = {**common.section_params(cfg.eval_semi, NAME), "chosen": chosen, "n_subset": len(subset),
               "subset_file": str(subset_file), "n_val": len(val)}
     common.finish(cfg, ctx, NAME, metrics, params)
