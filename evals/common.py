@@ -18,6 +18,7 @@ Accuracies are in %, depth errors in metres (rmse) or unitless (abs_rel, log10, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -52,6 +53,7 @@ class EvalContext:
     run_id: str
     cache_dir: Path
     device: torch.device
+    source: dict[str, Any]  # the evaluated encoder's description: model, image_size, format, which, ...
 
 
 def device() -> torch.device:
@@ -79,22 +81,62 @@ def random_encoder(cfg: Config) -> Encoder:
     return enc.eval().requires_grad_(False)
 
 
-def prepare(cfg: Config, root: str | Path | None = None) -> EvalContext:
-    """Load the pretrained encoder (checked against params), build the baseline, read the run id."""
+def encoder_source(cfg: Config, root: Path) -> Path:
+    """The encoder to evaluate: `evaluate.encoder` (relative to the repo root), or the pretrain stage's output."""
+    from pipeline.models.io import ENCODER_DIR
+
+    if cfg.evaluate.encoder is None:
+        return root / cfg.pretrain.out_dir / ENCODER_DIR
+    return root / Path(cfg.evaluate.encoder).expanduser()
+
+
+def _source_key(source: Path, which: str) -> str:
+    """Names an external encoder for MLflow without reading its weights: its files' paths, sizes, mtimes."""
+    files = sorted(p for p in source.iterdir() if p.is_file()) if source.is_dir() else [source]
+    h = hashlib.sha256(which.encode())
+    for p in files:
+        st = p.stat()
+        h.update(f"|{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+def parent_run(cfg: Config, root: Path, source: Path) -> str:
+    """The MLflow run the evaluations of `source` log into: the pretrain run that made it (named in its
+    model.json, or the run_id.txt beside it) when this store knows that run, else a run of its own."""
     from pipeline import tracking
-    from pipeline.models import load_encoder
-    from pipeline.models.io import ENCODER_DIR, encoder_meta
+    from pipeline.models.io import META
+
+    tracking.connect(cfg.mlflow, root)
+    run_id = None
+    if (source / META).is_file():
+        run_id = json.loads((source / META).read_text()).get("mlflow_run_id")
+        if run_id is None and (source.parent / tracking.RUN_ID_FILE).is_file():
+            run_id = tracking.read_run_id(source.parent / tracking.RUN_ID_FILE)
+    if run_id is not None and tracking.run_status(str(run_id)) is not None:
+        return str(run_id)
+    params = {"evaluate.encoder": str(source), "evaluate.which": cfg.evaluate.which, "model.name": cfg.model.name,
+              "model.patch_size": cfg.model.patch_size, "data.image_size": cfg.data.image_size}
+    return tracking.encoder_run(cfg.mlflow, root, _source_key(source, cfg.evaluate.which),
+                                f"evaluate {source.name}", params)
+
+
+def prepare(cfg: Config, root: str | Path | None = None) -> EvalContext:
+    """Load the encoder to evaluate (checked against params), build the baseline, find the MLflow run."""
+    from pipeline.models import load_any_encoder
+    from pipeline.models.io import ENCODER_DIR
 
     root = Path.cwd() if root is None else Path(root)
-    out_dir = root / cfg.pretrain.out_dir
-    enc_dir = out_dir / ENCODER_DIR
-    if not enc_dir.is_dir():
-        raise PipelineError(f"{enc_dir}: no saved encoder; run the pretrain stage first (dvc repro pretrain)")
-    check_architecture(encoder_meta(enc_dir), cfg, str(enc_dir))
-    run_id = tracking.read_run_id(out_dir / tracking.RUN_ID_FILE)
+    source = encoder_source(cfg, root)
+    if not source.exists():
+        own = source.resolve() == (root / cfg.pretrain.out_dir / ENCODER_DIR).resolve()
+        raise PipelineError(f"{source}: no saved encoder; " + ("run the pretrain stage first (dvc repro pretrain)"
+                            if own else "evaluate.encoder names no file or folder"))
+    encoder, meta = load_any_encoder(source, cfg.evaluate.which)
+    check_architecture(meta, cfg, str(source))
+    run_id = parent_run(cfg, root, source)
     dev = device()
-    encoders = {"ijepa": load_encoder(enc_dir).to(dev), "random": random_encoder(cfg).to(dev)}
-    return EvalContext(root, encoders, run_id, root / CACHE_DIR, dev)
+    encoders = {"ijepa": encoder.to(dev), "random": random_encoder(cfg).to(dev)}
+    return EvalContext(root, encoders, run_id, root / CACHE_DIR, dev, meta)
 
 
 def limit(ds: Dataset, cap: int | None, seed: int) -> Dataset:
@@ -154,6 +196,8 @@ def finish(cfg: Config, ctx: EvalContext, name: str, metrics: dict[str, Any], pa
     """Write metrics/<name>.json and log the child run `name` of the pretrain run; returns the json path."""
     from pipeline import tracking
 
+    params = {**params, "encoder": {"path": str(encoder_source(cfg, ctx.root)), "format": ctx.source.get("format"),
+                                    "which": ctx.source.get("which")}}
     path = write_json(metrics, ctx.root / METRICS_DIR / f"{name}.json")
     tracking.connect(cfg.mlflow, ctx.root)
     with tracking.child_run(ctx.run_id, name, flatten(params)):

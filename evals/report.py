@@ -1,6 +1,6 @@
 """The evaluation report: one table of every figure, I-JEPA vs the random-init encoder, both views.
 
-Rows are (evaluation, metric); columns
+Rows are (evaluation, metric), the linear probe's first; columns
 
     ijepa.last  ijepa.last4  random.last  random.last4  margin.last  margin.last4  p.last  p.last4  baseline
 
@@ -13,6 +13,13 @@ holds a figure-specific baseline: the same probe on 16x16 downscaled pixels for 
 evaluations (`evals.pixels`: does the encoder beat the pixels, not only noise?), the train-mean depth map
 for depth. Depth has a
 single view (patch tokens + pooled token of the last layer), filed under "last".
+
+The classification evaluations hold three probes; the metric names which (the metrics files nest the
+second and third under each encoder as "attentive" and "knn", `evals.attentive`, `evals.knn`):
+
+    top1, top5                      the linear probe on the pooled views (last, last4); baseline: pixels
+    attentive_top1, attentive_top5  V-JEPA's attentive probe on the last layer's patch tokens: .last only
+    knn_top1, knn_top5              cosine k-NN (DINO's weighted vote) on the pooled views (last, last4)
 
 Written as reports/evals.csv and reports/evals.md (and reports/evals.png when `pipeline.viz` offers
 `table_image`), then logged into the pretrain MLflow run as the child run "report".
@@ -27,7 +34,7 @@ from typing import Any
 
 import pandas as pd
 
-from evals import common
+from evals import attentive, common, knn
 from evals.depth import LOWER_IS_BETTER
 from evals.features import VIEWS
 from pipeline.config import Config
@@ -37,6 +44,7 @@ NAME = "report"
 EVALS = {"eval_linear": "linear", "eval_semi": "semi_1pct", "eval_clevr": "clevr", "eval_depth": "depth"}
 REPORT_DIR = "reports"
 PAIRED = "paired"  # the metrics files' section of paired statistics (evals.paired); p-values go to p.<view>
+PROBES = (attentive.NAME, knn.NAME)  # sections beside the linear probe's views; rows in this order after its own
 COLUMNS = ([f"{e}.{v}" for e in common.ENCODERS for v in VIEWS] + [f"margin.{v}" for v in VIEWS]
            + [f"p.{v}" for v in VIEWS] + ["baseline"])
 
@@ -48,10 +56,20 @@ def _leaves(d: dict[str, Any], path: tuple[str, ...] = ()) -> list[tuple[tuple[s
     return out
 
 
+def _row(label: str, task: list[str], metric: str) -> tuple[str, str, int]:
+    """(evaluation, metric, probe rank) of a figure: the section of a probe other than the linear one
+    (PROBES) becomes a prefix of the metric, ranked after the linear probe's figures."""
+    if task and task[-1] in PROBES:
+        *task, probe = task
+        return ".".join([label, *task]), f"{probe}_{metric}", 1 + PROBES.index(probe)
+    return ".".join([label, *task]), metric, 0
+
+
 def build_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """{"eval_linear": <metrics json>, ...} -> DataFrame indexed by (evaluation, metric), COLUMNS as above."""
     cells: dict[tuple[str, str], dict[str, float]] = {}
     pvalues: dict[tuple[str, str], dict[str, float]] = {}
+    rank: dict[tuple[str, str], int] = {}
     for stage, doc in results.items():
         label = EVALS.get(stage, stage)
         for top, sub in doc.items():
@@ -61,18 +79,21 @@ def build_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
                 if top == PAIRED:  # (task..., view, figure, stat): the figure's row gets p.<view>
                     *task, view, figure, stat = path
                     if stat == "p_value":
-                        pvalues.setdefault((".".join([label, *task]), figure), {})[f"p.{view}"] = value
+                        pvalues.setdefault(_row(label, task, figure)[:2], {})[f"p.{view}"] = value
                     continue
                 if top in common.ENCODERS:
                     *task, view, metric = path
                 else:  # a baseline (raw pixels, the train-mean depth map): no view level
                     *task, metric = path
-                evaluation = ".".join([label, *task])
+                evaluation, metric, probe_rank = _row(label, task, metric)
+                rank[evaluation, metric] = probe_rank
                 row = cells.setdefault((evaluation, metric), {})
                 row[f"{top}.{view}" if top in common.ENCODERS else "baseline"] = value
     for row, ps in pvalues.items():  # only onto figures the files hold
         if row in cells:
             cells[row].update(ps)
+    first = {e: i for i, e in enumerate(dict.fromkeys(e for e, _ in cells))}
+    cells = {r: cells[r] for r in sorted(cells, key=lambda r: (first[r[0]], rank[r]))}  # stable: file order
     table = pd.DataFrame.from_dict(cells, orient="index").reindex(columns=COLUMNS)
     table.index = pd.MultiIndex.from_tuples(table.index, names=["evaluation", "metric"])
     sign = pd.Series([-1.0 if m in LOWER_IS_BETTER else 1.0 for _, m in table.index], index=table.index)
@@ -132,7 +153,9 @@ def write_report(table: pd.DataFrame, out_dir: Path, diagnostics: pd.DataFrame |
     tmp.write_text("# Downstream evaluations: I-JEPA vs random init\n\nmargin > 0: pretraining helped "
                    "(errors: random - I-JEPA). Accuracies in %, rmse in metres. p: paired test of the margin on "
                    "the same val images (McNemar for top-1, sign test for AbsRel); p > 0.05: within noise. baseline: "
-                   "the same probe on 16x16 downscaled pixels (classification), the train-mean depth map (depth)."
+                   "the same probe on 16x16 downscaled pixels (classification), the train-mean depth map (depth). "
+                   "top1/top5: linear probe; attentive_*: attentive probe on the last layer's patch tokens; knn_*: "
+                   "cosine k-NN on the pooled features."
                    "\n\n"
                    + to_markdown(table) + _diagnostics_markdown(diagnostics))
     tmp.replace(md)
@@ -159,7 +182,7 @@ def run(cfg: Config, root: str | Path | None = None) -> pd.DataFrame:
     from pipeline import tracking  # slow to import; the table functions above do not need it
 
     root = Path.cwd() if root is None else Path(root)
-    run_id = tracking.read_run_id(root / cfg.pretrain.out_dir / tracking.RUN_ID_FILE)
+    run_id = common.parent_run(cfg, root, common.encoder_source(cfg, root))
     results = read_metrics(root)
     table = build_table(results)
     files = write_report(table, root / REPORT_DIR, diagnostics_table(results))

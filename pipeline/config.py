@@ -323,6 +323,18 @@ class DepthProbeConfig(ProbeConfig):
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """Which encoder the evaluation stages evaluate (pipeline/models/checkpoints.py reads the formats)."""
+
+    encoder: str | None = None  # null: <pretrain.out_dir>/encoder; or a path to any encoder file / folder
+    which: Literal["target_encoder", "encoder"] = "target_encoder"  # of an official .pth.tar (paper: target)
+
+    def __post_init__(self):
+        _check(self.encoder is None or bool(self.encoder.strip()), "encoder", self.encoder,
+               "null or a path to an encoder file or folder")
+
+
+@dataclass(frozen=True)
 class TuneConfig:
     """Ray Tune sweep over the masking and the regulariser; each list is a grid axis (or sampled from,
     `search: random`)."""
@@ -375,6 +387,7 @@ class Config:
     eval_semi: ClassifierProbeConfig = field(default_factory=ClassifierProbeConfig)
     eval_clevr: ClassifierProbeConfig = field(default_factory=ClassifierProbeConfig)
     eval_depth: DepthProbeConfig = field(default_factory=DepthProbeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
 
     def __post_init__(self):

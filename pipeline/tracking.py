@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Config, MlflowConfig
@@ -25,6 +25,7 @@ from pipeline.errors import PipelineError
 MAX_PARAM_CHARS = 500  # MLflow's limit on a param value (6000 on new servers; 500 is safe everywhere)
 
 RUN_ID_FILE = "run_id.txt"  # in pretrain.out_dir, beside encoder/: the run the evaluations log into
+ENCODER_KEY_TAG = "encoder_key"  # the run that groups the evaluations of an encoder not pretrained here
 
 
 def tracking_uri(cfg: MlflowConfig, root: Path | None = None) -> str:
@@ -108,6 +109,24 @@ def child_run(parent_run_id: str, run_name: str, params: dict[str, Any] | None =
         if params:
             mlflow.log_params({k: str(v)[:MAX_PARAM_CHARS] for k, v in params.items()})
         yield run
+
+
+def encoder_run(cfg: MlflowConfig, root: Path, key: str, run_name: str, params: dict[str, Any]) -> str:
+    """The run id under which the evaluations of an external encoder log their child runs.
+
+    Found by its `encoder_key` tag (every evaluation stage of one encoder file computes the same key), or
+    created, with `params`, and marked finished at once: it holds no work of its own.
+    """
+    exp_id = connect(cfg, root)
+    client = MlflowClient()
+    found = client.search_runs([exp_id], filter_string=f"tags.{ENCODER_KEY_TAG} = '{key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=run_name,
+                            tags={ENCODER_KEY_TAG: key, "git_commit": git_commit(root)})
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()])
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

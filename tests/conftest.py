@@ -32,6 +32,7 @@ def tiny_cfg(tmp_path) -> Config:
         "pretrain.diag_every": 2,
         "pretrain.diag_images": 16,
         "pretrain.out_dir": str(tmp_path / "models"),
+        "evaluate.encoder": str(tmp_path / "models" / "encoder"),  # params.yaml: <pretrain.out_dir>/encoder
         "ray.storage_path": str(tmp_path / "ray_results"),
         "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "mlflow.artifact_root": str(tmp_path / "mlartifacts"),

@@ -6,8 +6,6 @@ State-dict names equal the official I-JEPA ones (`patch_embed.proj.*`, `pos_embe
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from timm.layers import trunc_normal_
@@ -94,29 +92,6 @@ def build_encoder(cfg: ModelConfig, img_size: int, drop_path_rate: float = 0.0) 
         raise PipelineError(f"image size {img_size} is not a multiple of patch size {cfg.patch_size}")
     dim, depth, heads, mlp = ENCODER_PRESETS[cfg.name]
     return Encoder(img_size, cfg.patch_size, dim, depth, heads, mlp, drop_path_rate)
-
-
-def load_official_checkpoint(path: str | Path, which: str = "target_encoder",
-                             model: torch.nn.Module | None = None) -> dict[str, Tensor]:
-    """The `which` state dict of an official I-JEPA `.pth.tar`, `module.` prefix stripped.
-
-    With `model`, check keys and shapes against it (PipelineError, one line, on a mismatch) and load.
-    """
-    path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PipelineError(f"checkpoint {path} does not exist") from None
-    except Exception as e:  # noqa: BLE001 - corrupt or not a torch file
-        raise PipelineError(f"checkpoint {path} could not be read: {type(e).__name__}") from None
-    if not isinstance(ckpt, dict) or which not in ckpt:
-        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise PipelineError(f"checkpoint {path} has no '{which}'; it has {keys}")
-    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in ckpt[which].items()}
-    if model is not None:
-        check_state_dict(sd, model, str(path))
-        model.load_state_dict(sd)
-    return sd
 
 
 def check_state_dict(sd: dict[str, Tensor], model: torch.nn.Module, source: str = "checkpoint") -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.models.encoder import Encoder, build_encoder, check_state_dict
+from pipeline.models.encoder import Encoder
 
 ENCODER_DIR = "encoder"
 WEIGHTS = "weights.pt"
@@ -47,22 +47,15 @@ def save_encoder(encoder: Encoder, model: ModelConfig, image_size: int, out_dir:
     return out
 
 
-def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> Encoder:
-    """The encoder saved by `save_encoder`, in eval mode without gradients."""
+def load_encoder(path: str | Path) -> Encoder:
+    """The encoder saved by `save_encoder`, in eval mode without gradients (built on the meta device and
+    assigned the saved tensors: one copy in memory)."""
+    from pipeline.models.checkpoints import load_any_encoder
+
     path = Path(path)
-    meta_file = path / META
-    if not meta_file.is_file() or not (path / WEIGHTS).is_file():
+    if not (path / META).is_file() or not (path / WEIGHTS).is_file():
         raise PipelineError(f"encoder {path} is missing {META} or {WEIGHTS}; run the pretrain stage first")
-    meta = json.loads(meta_file.read_text())
-    try:
-        model = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()})
-    except (KeyError, TypeError, ConfigError) as e:
-        raise PipelineError(f"encoder {meta_file}: bad model description ({e})") from None
-    encoder = build_encoder(model, int(meta["image_size"]))
-    state = torch.load(path / WEIGHTS, map_location=map_location, weights_only=True)
-    check_state_dict(state, encoder, str(path / WEIGHTS))
-    encoder.load_state_dict(state)
-    return encoder.eval().requires_grad_(False)
+    return load_any_encoder(path)[0]
 
 
 def encoder_meta(path: str | Path) -> dict:
