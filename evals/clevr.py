@@ -1,6 +1,7 @@
-"""CLEVR (VTAB tasks): count_all (8 classes) and closest_object_distance (6 classes), linear probe top-1.
+"""CLEVR (VTAB tasks): count_all (8 classes) and closest_object_distance (6 classes), linear probe top-1,
+and the k-NN / attentive probes' top-1 when the section turns them on.
 
-Both tasks read the same images, so they share one set of cached features per split.
+Both tasks read the same images, so they share one set of cached features (and patch tokens) per split.
 """
 
 from __future__ import annotations
@@ -11,31 +12,45 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from evals import common, pixels
+from evals import attentive, common, knn, pixels
 from evals.features import VIEWS, extract
 from evals.probe import linear_probe
-from pipeline.config import Config, ProbeConfig
+from pipeline.config import ClassifierProbeConfig, Config
 
 NAME = "eval_clevr"
 TASKS = ("count_all", "closest_object_distance")
 
 
-def evaluate_clevr(encoder: nn.Module, tasks: dict[str, tuple[Dataset, Dataset]], cfg: ProbeConfig, *,
+def evaluate_clevr(encoder: nn.Module, tasks: dict[str, tuple[Dataset, Dataset]], cfg: ClassifierProbeConfig, *,
                    cache_dir: str | Path | None = None, num_workers: int = 0, hits: bool = False) -> dict[str, Any]:
-    """tasks {name: (train, val)} -> {name: {"last": {"top1", "lr", "weight_decay"}, "last4": {...}}}; with
-    `hits`, each view also holds the per-item top-1 hits (see `evals.paired`)."""
+    """tasks {name: (train, val)} -> {name: {"last": {"top1", "lr", "weight_decay"}, "last4": {...}, "knn":
+    {"last": {"top1"}, "last4": {...}}, "attentive": {"last": {"top1", "lr", "weight_decay"}}}} (knn /
+    attentive when cfg turns them on); with `hits`, each also holds its per-item top-1 hits (`evals.paired`)."""
     kw = {"batch_size": cfg.batch_size, "cache_dir": cache_dir, "num_workers": num_workers}
     out: dict[str, Any] = {}
     for task, (train, val) in tasks.items():
+        c = getattr(getattr(train, "dataset", train), "num_classes", None)
+        out[task] = {}
+        if cfg.attentive:  # first: its token budget is checked before any encoder pass
+            out[task][attentive.NAME] = attentive.evaluate_attentive(
+                encoder, train, val, cfg, num_classes=c, hits=hits, cache_dir=cache_dir, num_workers=num_workers)
         ftr = extract(encoder, train, "pooled", desc=f"features {task} train", **kw)
         fva = extract(encoder, val, "pooled", desc=f"features {task} val", **kw)
-        c = getattr(getattr(train, "dataset", train), "num_classes", None) or int(ftr["y"].max()) + 1
-        out[task] = {}
+        c = c or int(ftr["y"].max()) + 1
         for v in VIEWS:
-            res = linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], c, cfg, hits=hits)
+            out[task][v] = linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], c, cfg, hits=hits)
+        if cfg.knn:
+            out[task][knn.NAME] = knn.knn_probe(ftr, fva, c, cfg, hits=hits)
+        for res in _results(out[task]):
             res.pop("top5")  # VTAB reports top-1 only
-            out[task][v] = res
     return out
+
+
+def _results(d: dict[str, Any]) -> list[dict[str, Any]]:
+    """The probe results (the dicts holding "top1") nested anywhere in `d`."""
+    if "top1" in d:
+        return [d]
+    return [r for v in d.values() if isinstance(v, dict) for r in _results(v)]
 
 
 def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:

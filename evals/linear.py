@@ -1,4 +1,5 @@
-"""Linear probe (ImageNet protocol): top-1 / top-5 on val, for both pooled views of the frozen encoder."""
+"""Linear probe (ImageNet protocol): top-1 / top-5 on val, for both pooled views of the frozen encoder; the
+k-NN (`evals.knn`) and attentive (`evals.attentive`) probes beside it, when the section turns them on."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from evals import common, pixels
+from evals import attentive, common, knn, pixels
 from evals.features import VIEWS, extract
 from evals.probe import linear_probe
-from pipeline.config import Config, ProbeConfig
+from pipeline.config import ClassifierProbeConfig, Config, ProbeConfig
 from pipeline.diagnostics import representation_stats
 from pipeline.errors import PipelineError
 
@@ -24,16 +25,24 @@ def num_classes(train: Dataset, y) -> int:
     return len(classes) if classes is not None else int(y.max()) + 1
 
 
-def evaluate_linear(encoder: nn.Module, train: Dataset, val: Dataset, cfg: ProbeConfig, *,
+def evaluate_linear(encoder: nn.Module, train: Dataset, val: Dataset, cfg: ClassifierProbeConfig, *,
                     cache_dir: str | Path | None = None, num_workers: int = 0,
                     hits: bool = False) -> dict[str, dict[str, Any]]:
-    """{"last": {"top1", "top5", "lr", "weight_decay"}, "last4": {...}}; accuracies in %; with `hits`, each
-    view also holds the per-item top-1 hits (see `evals.paired`)."""
+    """{"last": {"top1", "top5", "lr", "weight_decay"}, "last4": {...}, "knn": {"last": {"top1", "top5"},
+    "last4": {...}}, "attentive": {"last": {"top1", "top5", "lr", "weight_decay"}}} (knn / attentive when
+    cfg turns them on); accuracies in %; with `hits`, each also holds its per-item top-1 hits (`evals.paired`)."""
+    out: dict[str, Any] = {}
+    if cfg.attentive:  # first: its token budget is checked before any encoder pass
+        out[attentive.NAME] = attentive.evaluate_attentive(encoder, train, val, cfg, hits=hits,
+                                                           cache_dir=cache_dir, num_workers=num_workers)
     kw = {"batch_size": cfg.batch_size, "cache_dir": cache_dir, "num_workers": num_workers}
     ftr = extract(encoder, train, "pooled", desc="features train", **kw)
     fva = extract(encoder, val, "pooled", desc="features val", **kw)
     c = num_classes(train, ftr["y"])
-    return {v: linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], c, cfg, hits=hits) for v in VIEWS}
+    out.update({v: linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], c, cfg, hits=hits) for v in VIEWS})
+    if cfg.knn:
+        out[knn.NAME] = knn.knn_probe(ftr, fva, c, cfg, hits=hits)
+    return out
 
 
 def representation_diagnostics(encoders: dict[str, nn.Module], val: Dataset, cfg: ProbeConfig, *,

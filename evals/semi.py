@@ -1,7 +1,9 @@
 """1% semi-supervised probe: the linear probe trained only on the images of the 1% list; top-1 on val.
 
 When the linear probe has cached the full train set's features, the 1% rows are picked from them (by
-path); otherwise only the 1% images are encoded. The val features are the linear probe's.
+path); otherwise only the 1% images are encoded. The val features are the linear probe's. The k-NN and
+attentive probes (when the section turns them on) use the same 1% images, the attentive one their patch
+tokens (picked from the linear probe's cached ones, likewise).
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from evals import common, pixels
+from evals import attentive, common, knn, pixels
 from evals.features import VIEWS, cached, extract
 from evals.linear import imagenet_splits, num_classes
 from evals.probe import linear_probe
-from pipeline.config import Config, ProbeConfig
+from pipeline.config import ClassifierProbeConfig, Config
 from pipeline.errors import PipelineError
 
 NAME = "eval_semi"
@@ -36,13 +38,18 @@ def subset_indices(train: Dataset, subset: Dataset) -> list[int]:
     return out
 
 
-def evaluate_semi(encoder: nn.Module, train: Dataset, val: Dataset, subset: Sequence[int], cfg: ProbeConfig, *,
-                  cache_dir: str | Path | None = None, num_workers: int = 0,
+def evaluate_semi(encoder: nn.Module, train: Dataset, val: Dataset, subset: Sequence[int],
+                  cfg: ClassifierProbeConfig, *, cache_dir: str | Path | None = None, num_workers: int = 0,
                   hits: bool = False) -> dict[str, dict[str, Any]]:
-    """Probe on the train rows `subset` only -> {"last": {"top1", "top5", "lr", ...}, "last4": {...}}; with
-    `hits`, each view also holds the per-item top-1 hits (see `evals.paired`)."""
+    """Probes on the train rows `subset` only -> {"last": {"top1", "top5", "lr", ...}, "last4": {...}} and, when
+    cfg turns them on, "knn" and "attentive" (laid out as in `evals.linear.evaluate_linear`); with `hits`,
+    each also holds its per-item top-1 hits (see `evals.paired`)."""
     if len(subset) == 0:
         raise PipelineError("1% probe: the subset is empty; expected at least one training image")
+    out: dict[str, Any] = {}
+    if cfg.attentive:  # first: its token budget is checked before any encoder pass
+        out[attentive.NAME] = attentive.evaluate_attentive(encoder, train, val, cfg, rows=subset, hits=hits,
+                                                           cache_dir=cache_dir, num_workers=num_workers)
     kw = {"batch_size": cfg.batch_size, "cache_dir": cache_dir, "num_workers": num_workers}
     full = cached(encoder, train, "pooled", cache_dir=cache_dir)
     if full is not None:  # the linear probe's train features: pick the rows
@@ -52,7 +59,10 @@ def evaluate_semi(encoder: nn.Module, train: Dataset, val: Dataset, subset: Sequ
         ftr = extract(encoder, Subset(train, list(subset)), "pooled", desc="features 1%", **kw)
     fva = extract(encoder, val, "pooled", desc="features val", **kw)
     c = num_classes(train, ftr["y"])
-    return {v: linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], c, cfg, hits=hits) for v in VIEWS}
+    out.update({v: linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], c, cfg, hits=hits) for v in VIEWS})
+    if cfg.knn:
+        out[knn.NAME] = knn.knn_probe(ftr, fva, c, cfg, hits=hits)
+    return out
 
 
 def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from pipeline.models import build_encoder, save_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"eval_linear.epochs": 5, "eval_semi.epochs": 5, "eval_clevr.epochs": 5, "eval_depth.epochs": 3,
+        "eval_linear.attentive_epochs": 3, "eval_semi.attentive_epochs": 3, "eval_clevr.attentive_epochs": 3,
         "eval_depth.num_bins": 16, "mlflow.system_metrics": False}
 
 
@@ -57,14 +58,23 @@ def test_every_stage_end_to_end(cfg, shared_data, tmp_path):
         tracking.write_run_id(run.info.run_id, Path(cfg.pretrain.out_dir) / "run_id.txt")
     m = linear.run(cfg, tmp_path)
     cached = sorted((tmp_path / ".cache" / "features").iterdir())
-    assert len(cached) == 8  # (ijepa, random, pixels) x (train, val), diagnostics tokens x (ijepa, random)
+    # (ijepa, random, pixels) x (train, val) pooled; (ijepa, random) x (train, val) tokens (the attentive probe's;
+    # the diagnostics read the val ones: all 32 val images are under its 512)
+    assert len(cached) == 10
     assert set(m["diagnostics"]) == {"ijepa", "random"} and m["diagnostics"]["random"]["rankme"] > 1
     assert 0 <= m["pixels"]["top1"] <= m["pixels"]["top5"] <= 100
     for enc in ("ijepa", "random"):
-        for view in ("last", "last4"):
-            assert 0 <= m[enc][view]["top1"] <= m[enc][view]["top5"] <= 100
-    semi.run(cfg, tmp_path)
+        for res in (m[enc]["last"], m[enc]["last4"], m[enc]["knn"]["last"], m[enc]["knn"]["last4"],
+                    m[enc]["attentive"]["last"]):
+            assert 0 <= res["top1"] <= res["top5"] <= 100 and "hits" not in res
+        assert set(m[enc]["attentive"]["last"]) == {"top1", "top5"}  # lr, weight_decay: to the chosen params
+    for probe, views in (("knn", ("last", "last4")), ("attentive", ("last",))):  # paired like the linear probe
+        for view in views:
+            pv = m["paired"][probe][view]["top1"]
+            assert pv["margin"] == pytest.approx(m["ijepa"][probe][view]["top1"] - m["random"][probe][view]["top1"])
+    s = semi.run(cfg, tmp_path)
     assert sorted((tmp_path / ".cache" / "features").iterdir()) == cached  # the 1% probe reuses train features
+    assert set(s["ijepa"]) == set(s["paired"]) == {"last", "last4", "knn", "attentive"}
     for view in ("last", "last4"):  # the paired test of the two encoders on the same val images
         pv = m["paired"][view]["top1"]
         assert pv["margin"] == pytest.approx(m["ijepa"][view]["top1"] - m["random"][view]["top1"])
@@ -72,6 +82,8 @@ def test_every_stage_end_to_end(cfg, shared_data, tmp_path):
     c = clevr.run(cfg, tmp_path)
     assert set(c["random"]) == {"count_all", "closest_object_distance"}
     assert set(c["paired"]) == set(c["pixels"]) == {"count_all", "closest_object_distance"}
+    for task in c["random"].values():  # VTAB: top-1 only, for every probe
+        assert set(task["knn"]["last4"]) == set(task["attentive"]["last"]) == {"top1"}
     d = depth.run(cfg, tmp_path)
     assert set(d) == {"ijepa", "random", "mean_depth", "paired"}
     pd_ = d["paired"]["last"]["abs_rel"]
@@ -81,7 +93,9 @@ def test_every_stage_end_to_end(cfg, shared_data, tmp_path):
     for name in ("eval_linear", "eval_semi", "eval_clevr", "eval_depth"):
         doc = json.loads((tmp_path / "metrics" / f"{name}.json").read_text())
         assert "random" in doc and "ijepa" in doc
-    assert table["p.last"].notna().sum() == 5  # linear, 1 %, count, distance top-1; depth AbsRel
+    # linear, 1 %, count, distance top-1 of the linear, attentive and k-NN probes; depth AbsRel
+    assert table["p.last"].notna().sum() == 3 * 4 + 1
+    assert {"top1", "attentive_top1", "knn_top1"} <= set(table.loc["clevr.count_all"].index)
     assert {"linear", "semi_1pct", "clevr.count_all", "clevr.closest_object_distance", "depth"} == \
         set(table.index.get_level_values(0))
     assert (tmp_path / "reports" / "evals.md").is_file() and (tmp_path / "reports" / "evals.csv").is_file()
