@@ -251,9 +251,12 @@ class MlflowConfig:
     artifact_root: str = "mlartifacts"  # for the embedded store only
     experiment: str = "ijepa"
     system_metrics: bool = True
+    register_model: bool = False  # the pretrained encoder into the model registry, alias "candidate"
+    registered_model: str = "ijepa-encoder"
 
     def __post_init__(self):
         _check(bool(self.experiment.strip()), "experiment", self.experiment, "a non-empty name")
+        _check(bool(self.registered_model.strip()), "registered_model", self.registered_model, "a non-empty name")
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ from pipeline.config import Config, RayConfig
 from pipeline.diagnostics import DIAG_COLUMNS
 from pipeline.errors import PipelineError
 from pipeline.models.ijepa import build_ijepa
-from pipeline.models.io import save_encoder
+from pipeline.models.io import encoder_meta, save_encoder
 from pipeline.train import (
     CURVE_COLUMNS,
     EpochEndFn,
@@ -269,6 +269,7 @@ def _write_outputs(cfg: Config, root: Path, out_dir: Path, checkpoint_dir: Path,
 
     tracking.log_metrics({k: metrics[k] for k in ("final_loss", "images_per_s", "wall_s")}, step=metrics["steps"])
     tracking.log_artifacts(encoder_dir, "encoder")
+    tracking.log_encoder_model(model.target_encoder, encoder_meta(encoder_dir), cfg.mlflow)
     tracking.log_artifact(csv_path)
     png = _curves_png(cfg, history, root / CURVES_PNG)
     if png is not None:

@@ -25,6 +25,7 @@ from pipeline.errors import PipelineError
 MAX_PARAM_CHARS = 500  # MLflow's limit on a param value (6000 on new servers; 500 is safe everywhere)
 
 RUN_ID_FILE = "run_id.txt"  # in pretrain.out_dir, beside encoder/: the run the evaluations log into
+MODEL_ALIAS = "candidate"  # the registry alias of the newest pretrained encoder (mlflow.register_model)
 ENCODER_KEY_TAG = "encoder_key"  # the run that groups the evaluations of an encoder not pretrained here
 
 
@@ -127,6 +128,32 @@ def encoder_run(cfg: MlflowConfig, root: Path, key: str, run_name: str, params: 
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()])
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
+
+
+def log_encoder_model(encoder: Any, metadata: dict[str, Any], cfg: MlflowConfig) -> str:
+    """Log `encoder` as an MLflow model "encoder" of the active run (its model.json as metadata), registered
+    as `cfg.registered_model` with alias `candidate` when `cfg.register_model`; returns the model URI.
+
+    Pickle format, not MLflow 3's default pt2 graph: a pt2 model is traced at one input shape, while a user
+    wants the module itself (`forward(x, keep_idx)`, any batch). The `pipeline` package travels with it
+    (code_paths), so `mlflow.pytorch.load_model("models:/<name>@candidate")` works without this checkout.
+    """
+    import warnings
+
+    import mlflow.pytorch
+    import timm
+    import torch
+
+    code = Path(__file__).resolve().parent  # the pipeline package
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}", "numpy"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info = mlflow.pytorch.log_model(encoder, name="encoder", metadata=metadata, code_paths=[str(code)],
+                                        pip_requirements=requirements, serialization_format="pickle",
+                                        registered_model_name=cfg.registered_model if cfg.register_model else None)
+    if cfg.register_model:
+        MlflowClient().set_registered_model_alias(cfg.registered_model, MODEL_ALIAS, info.registered_model_version)
+    return info.model_uri
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

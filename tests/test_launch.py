@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 
 import mlflow
+import mlflow.pytorch
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from pipeline import launch, tracking
@@ -116,7 +118,7 @@ def run_killing_worker_1(cfg, root, kill):
 
 
 def test_two_workers_end_to_end(tiny_cfg, tmp_path):
-    cfg = tiny(tiny_cfg)
+    cfg = tiny(tiny_cfg, **{"mlflow.register_model": True})
     metrics = run_killing_worker_1(cfg, tmp_path, kill=False)
     assert metrics["retrained"] and metrics["resumed_from_step"] == 0
     run_id = check_outputs(cfg, tmp_path, metrics, steps=12)
@@ -131,6 +133,14 @@ def test_two_workers_end_to_end(tiny_cfg, tmp_path):
         assert key in run.data.metrics, key
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
     assert {"encoder", "params.yaml", "pretrain_curve.csv"} <= artifacts
+    # The encoder as an MLflow model of this run, registered with the alias, loadable as a module.
+    version = mlflow.MlflowClient().get_model_version_by_alias(cfg.mlflow.registered_model, tracking.MODEL_ALIAS)
+    assert version.run_id == run_id
+    loaded = mlflow.pytorch.load_model(f"models:/{cfg.mlflow.registered_model}@{tracking.MODEL_ALIAS}")
+    x = torch.randn(2, 3, cfg.data.image_size, cfg.data.image_size)
+    torch.testing.assert_close(loaded(x), load_encoder(Path(cfg.pretrain.out_dir) / "encoder")(x))
+    info = mlflow.models.get_model_info(f"models:/{cfg.mlflow.registered_model}@{tracking.MODEL_ALIAS}")
+    assert info.metadata["mlflow_run_id"] == run_id and info.metadata["image_size"] == cfg.data.image_size
 
     # Same params again: not retrained, same MLflow run, outputs written again.
     (tmp_path / launch.METRICS_JSON).unlink()
