@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 METRICS_DIR = "metrics"
 CACHE_DIR = Path(".cache") / "features"
-HPARAM_KEYS = ("lr", "weight_decay")
+HPARAM_KEYS = ("lr", "weight_decay", "selection_folds")  # chosen, or how: MLflow params, not metrics
 ENCODERS = ("ijepa", "random")  # the pretrained target encoder and its random-init twin
 DIAGNOSTICS = "diagnostics"  # eval_linear's section of representation statistics per encoder (no probe)
 

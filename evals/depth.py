@@ -9,13 +9,25 @@ and mapped linearly to
 The (h, w) patch depths are upsampled bilinearly to the image (S, S). Training loss: DINOv2's SigLoss,
 sqrt(Var(g) + 0.15 mean(g)^2), g = log pred - log gt over the valid pixels (min_depth < gt < max_depth).
 
+Unlike DINOv2, the bias is one per patch position, initialised so that the head starts as the train-mean
+depth map (averaged over each patch; `patch_prior`): bins get the maximum-entropy logits whose weighted
+centre is that depth, regression the sigmoid's inverse of it. From zero logits the head starts at
+(min_depth + max_depth) / 2 = 5 m for every pixel, and SigLoss, which weighs the scale by only 0.15,
+moves it slowly: on 13 NYU-format images (one Adam step an epoch) 30 epochs ended at 4.6-5.0 m against
+a 3.7 m truth, AbsRel 0.26-0.34, twice the train-mean map's 0.12 (tests/test_evals_depth.py; with the
+scale's full weight, 4.1 m). Starting at the baseline, the head contains it and training measures what
+the tokens add beyond it; a ViT trained on images carries position in its tokens, its random-init twin
+hardly, so the position prior is the head's.
+
 Evaluation (Eigen et al. 2014, as in BTS / AdaBins / DINOv2): predictions clamped to
 [min_depth, max_depth]; pixels inside the Eigen crop with min_depth < gt < max_depth; each metric
 computed per image, then averaged over the test images:
     abs_rel = mean |p - g| / g        rmse = sqrt(mean (p - g)^2)      log10 = mean |log10 p - log10 g|
     d_k     = fraction with max(p / g, g / p) < 1.25^k,  k = 1, 2, 3
 Images and depth maps are at the model's resolution S x S (NyuDepth resizes the whole frame).
-The lr x wd grid is trained at once (as in `evals.probe`) and chosen on val RMSE.
+The lr x wd grid is trained at once (as in `evals.probe`) and chosen on val RMSE: a held-out split of
+train, or k-fold over the train images when that split would hold fewer than MIN_VAL_ITEMS images
+(`evals.probe.selection_splits`; "selection_folds" in the result says which).
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ from torch.utils.data import Dataset
 from evals import common
 from evals.features import extract
 from evals.paired import ERRORS
-from evals.probe import GridAdam, cosine, grid, head_device, split_train_val
+from evals.probe import GridAdam, cosine, grid, head_device, selection_splits
 from pipeline.config import Config, DepthProbeConfig
 from pipeline.errors import PipelineError
 
@@ -94,17 +106,52 @@ def mean_depth_map(depths: Tensor, min_depth: float, max_depth: float) -> Tensor
 # --------------------------------------------------------------------------------------------- head
 
 
+def patch_prior(depths: Tensor, cfg: DepthProbeConfig, grid_hw: tuple[int, int]) -> Tensor:
+    """depths (n, S, S) -> (h * w,) metres: the train-mean depth map averaged over each patch, row-major."""
+    mean = mean_depth_map(depths, cfg.min_depth, cfg.max_depth)
+    return F.adaptive_avg_pool2d(mean[None, None], grid_hw).flatten().clamp(cfg.min_depth, cfg.max_depth)
+
+
+def tilted_logits(centres: Tensor, target: Tensor, iters: int = 60) -> Tensor:
+    """centres (K,) increasing, target (N,) in [centres[0], centres[-1]] -> logits (N, K) = beta * u,
+    u = the centres rescaled to [0, 1]: among distributions over the centres whose mean is `target`, the
+    one of maximum entropy (exponential tilting; beta found by bisection, the mean rising with beta)."""
+    u = (centres - centres[0]) / (centres[-1] - centres[0])
+    t = ((target - centres[0]) / (centres[-1] - centres[0])).clamp(1e-4, 1 - 1e-4)
+    lo, hi = torch.full_like(t, -1e4), torch.full_like(t, 1e4)
+    for _ in range(iters):
+        beta = (lo + hi) / 2
+        below = (beta[:, None] * u).softmax(-1) @ u < t
+        lo, hi = torch.where(below, beta, lo), torch.where(below, hi, beta)
+    return ((lo + hi) / 2)[:, None] * u
+
+
 class DepthHeads:
-    """G linear depth heads trained at once; tokens (B, N, D) standardised -> depth (B, G, S, S)."""
+    """G linear depth heads trained at once; tokens (B, N, D) standardised -> depth (B, G, S, S).
+
+    `prior` (N,) metres, one a patch (`patch_prior`): where each head starts; None: zero logits, the middle
+    of [min_depth, max_depth].
+    """
 
     def __init__(self, dim: int, heads: int, cfg: DepthProbeConfig, grid_hw: tuple[int, int], image_size: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", prior: Tensor | None = None):
         self.k = cfg.num_bins if cfg.head == "bins" else 1
         self.cfg, self.grid_hw, self.image_size = cfg, grid_hw, image_size
+        n = grid_hw[0] * grid_hw[1]
+        self.centres = torch.linspace(cfg.min_depth, cfg.max_depth, self.k, device=device)
         self.w_tok = torch.zeros(heads, dim, self.k, device=device, requires_grad=True)
         self.w_pool = torch.zeros(heads, dim, self.k, device=device, requires_grad=True)
-        self.b = torch.zeros(heads, self.k, device=device, requires_grad=True)
-        self.centres = torch.linspace(cfg.min_depth, cfg.max_depth, self.k, device=device)
+        self.b = torch.zeros(heads, n, self.k, device=device)  # (G, N, K): a bias per patch position
+        if prior is not None:
+            if prior.shape != (n,):
+                raise PipelineError(f"depth head prior has shape {tuple(prior.shape)}; expected ({n},), one a patch")
+            prior = prior.to(device).clamp(cfg.min_depth, cfg.max_depth)
+            if cfg.head == "bins":
+                self.b += tilted_logits(self.centres, prior)
+            else:
+                lo, hi = cfg.min_depth, cfg.max_depth
+                self.b += torch.logit((prior - lo) / (hi - lo), eps=1e-6)[:, None]
+        self.b.requires_grad_(True)
 
     @property
     def params(self) -> list[Tensor]:
@@ -113,10 +160,11 @@ class DepthHeads:
     def __call__(self, x: Tensor) -> Tensor:
         """x (B, N, D) -> depth (B, G, S, S) in (min_depth, max_depth)."""
         bsz, n, d = x.shape
-        g, k = self.b.shape
+        g, _, k = self.b.shape
         pooled = x.mean(1)  # (B, D): the image's pooled token
         logits = (x.reshape(bsz * n, d) @ self.w_tok.permute(1, 0, 2).reshape(d, g * k)).view(bsz, n, g, k)
-        logits = logits + (pooled @ self.w_pool.permute(1, 0, 2).reshape(d, g * k)).view(bsz, 1, g, k) + self.b
+        logits = logits + (pooled @ self.w_pool.permute(1, 0, 2).reshape(d, g * k)).view(bsz, 1, g, k)
+        logits = logits + self.b.transpose(0, 1)  # (N, G, K) broadcast over the batch
         lo, hi = self.cfg.min_depth, self.cfg.max_depth
         if self.cfg.head == "bins":
             depth = logits.softmax(-1) @ self.centres  # (B, N, G)
@@ -141,12 +189,14 @@ def sig_loss(pred: Tensor, gt: Tensor, valid: Tensor) -> Tensor:
 
 def train_depth_heads(tokens: Tensor, depths: Tensor, points: list[tuple[float, float]], cfg: DepthProbeConfig,
                       grid_hw: tuple[int, int]) -> DepthHeads:
-    """tokens (n, N, D) standardised, depths (n, S, S) -> heads trained with Adam + cosine lr.
+    """tokens (n, N, D) standardised, depths (n, S, S) -> heads trained with Adam + cosine lr, starting
+    from the mean depth map of `depths` (`patch_prior`).
 
     Inputs stay where they are (CPU); each minibatch moves to `head_device()`.
     """
     dev = head_device()
-    heads = DepthHeads(tokens.shape[-1], len(points), cfg, grid_hw, depths.shape[-1], dev)
+    heads = DepthHeads(tokens.shape[-1], len(points), cfg, grid_hw, depths.shape[-1], dev,
+                       prior=patch_prior(depths, cfg, grid_hw))
     wd = torch.tensor([p[1] for p in points], device=dev)
     opt = GridAdam(heads.params, torch.tensor([p[0] for p in points], device=dev))
     bsz = heads.batch_size(tokens.shape[1])
@@ -191,7 +241,8 @@ def _token_standardizer(tokens: Tensor):
 
 def depth_probe(tok_train: Tensor, d_train: Tensor, tok_test: Tensor, d_test: Tensor, cfg: DepthProbeConfig,
                 grid_hw: tuple[int, int]) -> tuple[dict[str, Any], Tensor]:
-    """Tokens (n, N, D), depths (n, S, S) -> (test metrics + chosen "lr", "weight_decay", test pred (n, S, S)).
+    """Tokens (n, N, D), depths (n, S, S) -> (test metrics + chosen "lr", "weight_decay" and "selection_folds"
+    (as in `evals.probe.linear_probe`), test pred (n, S, S)).
 
     Runs on torch's thread count, unlike the linear probe: each step here is a few (B*N, D) x (D, G*K)
     matmuls and softmaxes over millions of logits, which two threads run 1.65x faster than one on an idle
@@ -199,21 +250,24 @@ def depth_probe(tok_train: Tensor, d_train: Tensor, tok_test: Tensor, d_test: Te
     """
     points = grid(cfg.lrs, cfg.weight_decays)
     if len(points) == 1:
-        lr, wd = points[0]
+        (lr, wd), folds = points[0], 0
     else:
-        tr, va = split_train_val(len(tok_train), cfg.val_fraction, cfg.seed)
-        norm = _token_standardizer(tok_train[tr])
-        heads = train_depth_heads(norm(tok_train[tr]), d_train[tr], points, cfg, grid_hw)
-        pred = predict(heads, norm(tok_train[va]))  # (n_val, G, S, S)
-        gt = d_train[va]
+        splits = selection_splits(len(tok_train), cfg.val_fraction, cfg.seed)
+        preds, held_out = [], []
+        for tr, va in splits:
+            norm = _token_standardizer(tok_train[tr])
+            heads = train_depth_heads(norm(tok_train[tr]), d_train[tr], points, cfg, grid_hw)
+            preds.append(predict(heads, norm(tok_train[va])))  # (n_val, G, S, S)
+            held_out.append(va)
+        pred, gt = torch.cat(preds), d_train[torch.cat(held_out)]  # every val image once, over the folds
         mask = eval_mask(gt, cfg.min_depth, cfg.max_depth)
         rmse = [depth_metrics(pred[:, g], gt, mask)["rmse"] for g in range(len(points))]
-        lr, wd = points[int(np.argmin(rmse))]
+        (lr, wd), folds = points[int(np.argmin(rmse))], len(splits)
     norm = _token_standardizer(tok_train)
     heads = train_depth_heads(norm(tok_train), d_train, [(lr, wd)], cfg, grid_hw)
     pred = predict(heads, norm(tok_test))[:, 0]
     metrics = depth_metrics(pred, d_test, eval_mask(d_test, cfg.min_depth, cfg.max_depth), per_image_out=True)
-    return {**metrics, "lr": lr, "weight_decay": wd}, pred
+    return {**metrics, "lr": lr, "weight_decay": wd, "selection_folds": folds}, pred
 
 
 def evaluate_depth(encoder: nn.Module, train: Dataset, test: Dataset, cfg: DepthProbeConfig, *,

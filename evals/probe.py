@@ -8,6 +8,12 @@ step. `GridAdam` gives each head its own learning rate. Weight decay is an L2 pe
 Protocol: standardise features with the train statistics; train the grid on (train - val); pick the
 head with the best val top-1 (ties: lower val cross-entropy); retrain that (lr, wd) on all of train;
 touch the test set once. A grid of one point skips the split.
+
+Tiny label sets (a 1% list of 6 images a class: a 10% split would validate on 6 images) choose by
+k-fold cross-validation instead (`selection_splits`): when the held-out split would hold fewer than
+MIN_VAL_ITEMS items per class on average, k = min(MAX_FOLDS, n) stratified folds, every train item
+validated once, and top-1 / cross-entropy pooled over all of them. The result says which ran:
+"selection_folds" is 1 for the held-out split, k for k-fold (and 0 for a grid of one point).
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ from pipeline.config import ProbeConfig
 from pipeline.errors import PipelineError
 
 PROBE_BATCH = 1024  # training minibatch on cached features (cfg.batch_size is for extraction)
+# Below 5 val items per class, val top-1 moves in steps of >= 1/5 of a class's accuracy and most grid
+# points tie or differ by an item or two: the choice is noise. k-fold validates on every train item
+# (10x the items at val_fraction 0.1) for k trainings of heads on cached features, which cost seconds.
+MIN_VAL_ITEMS = 5  # per class on average (linear probe); images (depth probe)
+MAX_FOLDS = 5
 
 
 def head_device() -> torch.device:
@@ -86,6 +97,34 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Ten
     return perm[n_val:], perm[:n_val]
 
 
+def kfold(n: int, k: int, seed: int, labels: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
+    """k disjoint val folds covering range(n), as (train_idx, val_idx) pairs; 2 <= k <= n.
+
+    Sizes differ by at most one. With `labels` (n,), stratified: each class is dealt round-robin over
+    the folds (after a seeded shuffle), so a class of m items has floor(m / k) or ceil(m / k) in each.
+    """
+    if not 2 <= k <= n:
+        raise PipelineError(f"k-fold needs 2 <= k <= n; got k={k}, n={n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if labels is not None:
+        order = order[torch.sort(labels.cpu()[order], stable=True).indices]
+    fold = torch.empty(n, dtype=torch.long)
+    fold[order] = torch.arange(n) % k
+    return [((fold != f).nonzero()[:, 0], (fold == f).nonzero()[:, 0]) for f in range(k)]
+
+
+def selection_splits(n: int, val_fraction: float, seed: int, labels: Tensor | None = None
+                     ) -> list[tuple[Tensor, Tensor]]:
+    """The (train_idx, val_idx) pairs that choose hyper-parameters: the one held-out split of
+    `split_train_val` when it would hold >= MIN_VAL_ITEMS items per class (`labels` (n,); without them,
+    items) on average, else `kfold` with k = min(MAX_FOLDS, n), stratified by `labels`."""
+    tr, va = split_train_val(n, val_fraction, seed)
+    groups = 1 if labels is None else len(torch.unique(labels))
+    if len(va) >= MIN_VAL_ITEMS * groups:
+        return [(tr, va)]
+    return kfold(n, min(MAX_FOLDS, n), seed, labels)
+
+
 def standardizer(x: Tensor) -> Callable[[Tensor], Tensor]:
     """x (n, ...) -> a function that maps features to zero mean / unit std per dimension (train stats)."""
     flat = x.reshape(-1, x.shape[-1]).float()
@@ -137,8 +176,9 @@ def train_heads(x: Tensor, y: Tensor, num_classes: int, lrs: Sequence[float], wd
 
 def linear_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, num_classes: int,
                  cfg: ProbeConfig, hits: bool = False) -> dict[str, Any]:
-    """Features (n, D) and labels (n,) -> {"top1", "top5"} on test in %, plus the chosen "lr", "weight_decay";
-    with `hits`, also "hits": (n_test,) bool on the CPU, the top-1 hit of each test item (for `evals.paired`)."""
+    """Features (n, D) and labels (n,) -> {"top1", "top5"} on test in %, plus the chosen "lr", "weight_decay"
+    and "selection_folds" (1: held-out split, k: k-fold, 0: a grid of one point, nothing chosen); with
+    `hits`, also "hits": (n_test,) bool on the CPU, the top-1 hit of each test item (for `evals.paired`)."""
     dev = head_device()
     with num_threads(1):
         out = _linear_probe(x_train.to(dev), y_train.to(dev), x_test.to(dev), y_test.to(dev), num_classes, cfg)
@@ -158,23 +198,26 @@ def _linear_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tens
     norm = standardizer(x_train)
     xs = norm(x_train)
     if len(points) == 1:
-        lr, wd = points[0]
+        (lr, wd), folds = points[0], 0
     else:
-        tr, va = (i.to(xs.device) for i in split_train_val(len(xs), cfg.val_fraction, cfg.seed))
-        sub = standardizer(x_train[tr])  # selection must not see the val items' statistics
-        w, b = train_heads(sub(x_train[tr]), y_train[tr], num_classes, [p[0] for p in points],
-                           [p[1] for p in points], cfg.epochs, cfg.seed)
-        with torch.no_grad():
-            logits = _logits(sub(x_train[va]), w, b)  # (n_val, G, C)
-            yv = y_train[va]
-            top1 = (logits.argmax(-1) == yv[:, None]).float().mean(0)
-            ce = F.cross_entropy(logits.permute(0, 2, 1), yv[:, None].expand(-1, len(points)),
-                                 reduction="none").mean(0)
-        best = min(range(len(points)), key=lambda g: (-top1[g].item(), ce[g].item(), g))
-        lr, wd = points[best]
+        splits = selection_splits(len(xs), cfg.val_fraction, cfg.seed, y_train)
+        val_hits, val_ce = (torch.zeros(len(points), device=xs.device) for _ in range(2))
+        for tr, va in ((tr.to(xs.device), va.to(xs.device)) for tr, va in splits):
+            sub = standardizer(x_train[tr])  # selection must not see the val items' statistics
+            w, b = train_heads(sub(x_train[tr]), y_train[tr], num_classes, [p[0] for p in points],
+                               [p[1] for p in points], cfg.epochs, cfg.seed)
+            with torch.no_grad():
+                logits = _logits(sub(x_train[va]), w, b)  # (n_val, G, C)
+                yv = y_train[va]
+                val_hits += (logits.argmax(-1) == yv[:, None]).float().sum(0)
+                val_ce += F.cross_entropy(logits.permute(0, 2, 1), yv[:, None].expand(-1, len(points)),
+                                      reduction="none").sum(0)
+        # Pooled over the folds (each item validated once): whole hit counts, so ties are exact.
+        best = min(range(len(points)), key=lambda g: (-val_hits[g].item(), val_ce[g].item(), g))
+        (lr, wd), folds = points[best], len(splits)
     w, b = train_heads(xs, y_train, num_classes, [lr], [wd], cfg.epochs, cfg.seed)
     with torch.no_grad():
         logits = _logits(norm(x_test), w, b)[:, 0]
     hits = logits.topk(1, dim=-1).indices[:, 0] == y_test  # what top1 counts
     return {"top1": topk_accuracy(logits, y_test, 1), "top5": topk_accuracy(logits, y_test, 5),
-            "lr": lr, "weight_decay": wd, HITS: hits.cpu()}
+            "lr": lr, "weight_decay": wd, "selection_folds": folds, HITS: hits.cpu()}

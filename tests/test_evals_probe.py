@@ -3,7 +3,16 @@
 import pytest
 import torch
 
-from evals.probe import GridAdam, grid, linear_probe, split_train_val, topk_accuracy, train_heads
+from evals.probe import (
+    GridAdam,
+    grid,
+    kfold,
+    linear_probe,
+    selection_splits,
+    split_train_val,
+    topk_accuracy,
+    train_heads,
+)
 from pipeline.config import ProbeConfig
 from pipeline.errors import PipelineError
 
@@ -24,6 +33,7 @@ def test_separable_clusters_are_probed_near_perfectly():
     assert out["top1"] >= 98.0
     assert out["top5"] == 100.0
     assert (out["lr"], out["weight_decay"]) in grid(CFG.lrs, CFG.weight_decays)
+    assert out["selection_folds"] == 1  # 120 val items for 8 classes: the held-out split
     assert "hits" not in out
     with_hits = linear_probe(x, y, xt, yt, 8, CFG, hits=True)
     assert with_hits["hits"].shape == (200,) and with_hits["hits"].dtype == torch.bool
@@ -81,3 +91,46 @@ def test_labels_out_of_range_are_rejected():
     x, y = clusters(40)
     with pytest.raises(PipelineError, match="labels outside"):
         linear_probe(x, y, x, y, 4, CFG)
+
+
+def test_kfold_is_disjoint_complete_and_stratified():
+    y = torch.tensor([0] * 7 + [1] * 3 + [2] * 12)
+    folds = kfold(len(y), 5, seed=1, labels=y)
+    assert len(folds) == 5
+    assert sorted(torch.cat([va for _, va in folds]).tolist()) == list(range(22))
+    for tr, va in folds:
+        assert sorted(torch.cat([tr, va]).tolist()) == list(range(22)) and len(va) in (4, 5)
+    for c, m in ((0, 7), (1, 3), (2, 12)):  # each class dealt over the folds: floor or ceil of m / 5
+        assert {int((y[va] == c).sum()) for _, va in folds} <= {m // 5, -(-m // 5)}
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(folds, kfold(22, 5, seed=1, labels=y), strict=True))
+    assert [len(va) for _, va in kfold(3, 3, seed=0)] == [1, 1, 1]
+    with pytest.raises(PipelineError, match="k-fold needs 2 <= k <= n; got k=4, n=3"):
+        kfold(3, 4, seed=0)
+
+
+def test_selection_protocol_follows_the_val_size():
+    eight = torch.arange(8)
+    # 10% of 400 = 40 val items = 5 a class: held out; 39 is below 5 a class: 5 folds
+    assert len(selection_splits(400, 0.1, 0, eight.repeat(50))) == 1
+    assert len(selection_splits(390, 0.1, 0, eight.repeat(49)[:390])) == 5
+    assert len(selection_splits(48, 0.1, 0, eight.repeat(6))) == 5  # a 1% list: 6 labels a class
+    assert len(selection_splits(46, 0.1, 0)) == 1 and len(selection_splits(44, 0.1, 0)) == 5  # depth: 5 | 4 images
+    assert len(selection_splits(3, 0.1, 0)) == 3  # fewer items than folds: leave-one-out
+
+
+def test_tiny_label_set_picks_the_clear_lr_by_kfold():
+    """30 items (27 of class 0), features without information: the class prior is all there is to learn.
+
+    At lr 1e-4 the 30 Adam steps leave the bias near 0 and the noise directions decide (55-65% on test); at
+    lr 1 the bias learns the prior while weight decay keeps the noise weights small (~89%, always class 0).
+    """
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 8, generator=g), torch.cat([torch.zeros(27), torch.ones(3)]).long()
+    xt, yt = torch.randn(1000, 8, generator=g), (torch.rand(1000, generator=g) < 0.1).long()
+    cfg = ProbeConfig(epochs=30, lrs=(1e-4, 1.0), weight_decays=(1.0,), val_fraction=0.1)
+    out = linear_probe(x, y, xt, yt, 2, cfg)
+    assert out["selection_folds"] == 5  # a 10% split would validate on 3 items
+    assert out["lr"] == 1.0
+    slow = linear_probe(x, y, xt, yt, 2, ProbeConfig(epochs=30, lrs=(1e-4,), weight_decays=(1.0,)))
+    assert slow["selection_folds"] == 0  # one point: nothing to choose
+    assert out["top1"] > 85.0 > 70.0 > slow["top1"]
