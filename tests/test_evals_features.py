@@ -6,7 +6,7 @@ from torch.utils.data import Dataset, TensorDataset
 from evals.common import limit
 from evals.features import cached, dataset_identity, extract, weights_hash
 from evals.semi import evaluate_semi
-from pipeline.config import ProbeConfig
+from pipeline.config import ClassifierProbeConfig
 from pipeline.models import Encoder
 
 
@@ -118,7 +118,7 @@ def test_cached_never_runs_the_encoder(tmp_path):
 
 def test_semi_encodes_only_the_subset_unless_train_is_cached(tmp_path):
     enc, train, val = Counting(tiny_encoder()), images(12), images(6, seed=1)
-    cfg = ProbeConfig(epochs=2, lrs=(0.1,), weight_decays=(0.0,))
+    cfg = ClassifierProbeConfig(epochs=2, lrs=(0.1,), weight_decays=(0.0,))  # k-NN on, attentive off: no tokens
     evaluate_semi(enc, train, val, [0, 1, 2, 3, 4, 5], cfg, cache_dir=tmp_path / "a")
     assert enc.calls == 2  # 6 subset images + 6 val images, one batch each (batch_size 256)
     enc.calls = 0
