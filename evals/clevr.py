@@ -66,6 +66,8 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
         val = ClevrDataset(clevr, "val", task, tf, thresholds=train.thresholds)
         tasks[task] = (common.limit(train, cfg.eval_clevr.max_train, cfg.eval_clevr.seed),
                        common.limit(val, cfg.eval_clevr.max_test, cfg.eval_clevr.seed))
+    common.prefetch(ctx, list(tasks[TASKS[0]]), cfg.eval_clevr, tokens=common.whole_split_tokens(cfg.eval_clevr),
+                    baselines={pixels.NAME: pixels.PixelFeatures()}, num_workers=cfg.data.num_workers)
     results = {name: evaluate_clevr(enc, tasks, cfg.eval_clevr, cache_dir=ctx.cache_dir,
                                     num_workers=cfg.data.num_workers, hits=True)
                for name, enc in ctx.encoders.items()}

@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from evals.paired import pair_up
-from pipeline.config import Config
+from pipeline.config import ClassifierProbeConfig, Config, ProbeConfig
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -137,6 +138,32 @@ def prepare(cfg: Config, root: str | Path | None = None) -> EvalContext:
     dev = device()
     encoders = {"ijepa": encoder.to(dev), "random": random_encoder(cfg).to(dev)}
     return EvalContext(root, encoders, run_id, root / CACHE_DIR, dev, meta)
+
+
+def prefetch(ctx: EvalContext, datasets: list[Dataset], cfg: ProbeConfig, *, tokens: bool = False,
+             pooled: bool = True, baselines: dict[str, nn.Module] | None = None, num_workers: int = 0) -> None:
+    """Fill the feature cache for `datasets`, one pass over each: every image is read and decoded once for
+    both encoders (and the `baselines`, pooled), not once per encoder and kind. The probes then read it.
+
+    `tokens` (patch tokens of both encoders) is checked against the attentive probe's token budget first.
+    """
+    from evals.attentive import check_token_budget
+    from evals.features import extract_jobs
+
+    kinds = (("pooled",) if pooled else ()) + (("tokens",) if tokens else ())
+    if tokens:
+        enc = ctx.encoders["ijepa"]
+        check_token_budget(sum(len(ds) for ds in datasets), enc.num_patches, enc.embed_dim)
+    jobs = {**{n: (e, kinds) for n, e in ctx.encoders.items()},
+            **{n: (m, ("pooled",)) for n, m in (baselines or {}).items()}}
+    for i, ds in enumerate(datasets):
+        extract_jobs(jobs, ds, batch_size=cfg.batch_size, cache_dir=ctx.cache_dir, num_workers=num_workers,
+                     desc=f"features {i + 1}/{len(datasets)}")
+
+
+def whole_split_tokens(cfg: ClassifierProbeConfig) -> bool:
+    """Whether the attentive probe of `cfg` reads the patch tokens of every train image (no subset)."""
+    return cfg.attentive and cfg.attentive_max_train is None
 
 
 def limit(ds: Dataset, cap: int | None, seed: int) -> Dataset:

@@ -314,6 +314,7 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
     d = cfg.eval_depth
     train = common.limit(NyuDepth(nyu, "train", cfg.data.image_size), d.max_train, d.seed)
     test = common.limit(NyuDepth(nyu, "test", cfg.data.image_size), d.max_test, d.seed)
+    common.prefetch(ctx, [train, test], cfg.eval_depth, pooled=False, tokens=True, num_workers=cfg.data.num_workers)
     results, panels = {}, []
     for name, enc in ctx.encoders.items():
         panel = ctx.root / "reports" / f"depth_{name}.png"

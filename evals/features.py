@@ -107,34 +107,46 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
 
 @torch.no_grad()
-def _run(encoder: nn.Module, ds: Dataset, kind: Kind, batch_size: int, num_workers: int,
-         desc: str) -> dict[str, Tensor]:
-    device = next(itertools.chain(encoder.parameters(), encoder.buffers())).device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
-    was_training = encoder.training
-    encoder.eval()
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
-    out: dict[str, list[Tensor]] = {k: [] for k in (("tokens",) if kind == "tokens" else VIEWS)}
+def _run(jobs: dict[str, tuple[nn.Module, tuple[Kind, ...]]], ds: Dataset, batch_size: int, num_workers: int,
+         desc: str) -> dict[str, dict[Kind, dict[str, Tensor]]]:
+    """One pass over `ds` (each image read and decoded once) through every encoder of `jobs`
+    ({name: (encoder, kinds)}), one forward each for all its kinds: {name: {kind: features}}."""
+    encoders = {n: e for n, (e, _) in jobs.items()}
+    devices = {n: next(itertools.chain(e.parameters(), e.buffers())).device for n, e in encoders.items()}
+    was_training = {n: e.training for n, e in encoders.items()}
+    for e in encoders.values():
+        e.eval()
+    pin = any(d.type == "cuda" for d in devices.values())
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin)
+    out: dict[str, dict[str, list[Tensor]]] = {
+        n: {k: [] for kind in kinds for k in (("tokens",) if kind == "tokens" else VIEWS)}
+        for n, (_, kinds) in jobs.items()}
     ys: list[Tensor] = []
     for x, y in progress(loader, desc=desc, total=len(loader)):
-        x = x.to(device, non_blocking=True)
-        with autocast:
-            if kind == "tokens":
-                out["tokens"].append(encoder(x).half().cpu())
-            else:
-                layers = encoder.forward_layers(x, 4)  # 4 x (B, N, D)
-                means = [t.float().mean(1) for t in layers]
-                out["last"].append(means[-1].cpu())
-                out["last4"].append(torch.cat(means, 1).cpu())
+        for name, (encoder, kinds) in jobs.items():
+            dev = devices[name]
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast(
+                "cpu", enabled=False)
+            with autocast:
+                layers = encoder.forward_layers(x.to(dev, non_blocking=True), 4 if "pooled" in kinds else 1)
+                if "tokens" in kinds:  # the last layer's output, through the final norm: encoder(x)
+                    out[name]["tokens"].append(layers[-1].half().cpu())
+                if "pooled" in kinds:
+                    means = [t.float().mean(1) for t in layers]  # 4 x (B, D)
+                    out[name]["last"].append(means[-1].cpu())
+                    out[name]["last4"].append(torch.cat(means, 1).cpu())
         ys.append(torch.as_tensor(y))
-    encoder.train(was_training)
+    for name, e in encoders.items():
+        e.train(was_training[name])
     if not ys:
         raise PipelineError(f"{desc}: the dataset is empty; expected at least one image")
-    feats = {k: torch.cat(v) for k, v in out.items()}
-    feats["y"] = torch.cat(ys)
-    return feats
+    y_all = torch.cat(ys)
+    result: dict[str, dict[Kind, dict[str, Tensor]]] = {}
+    for name, (_, kinds) in jobs.items():
+        feats = {k: torch.cat(v) for k, v in out[name].items()}
+        result[name] = {kind: {**{k: feats[k] for k in (("tokens",) if kind == "tokens" else VIEWS)}, "y": y_all}
+                        for kind in kinds}
+    return result
 
 
 def _cache_path(encoder: nn.Module, ds: Dataset, kind: Kind, cache_dir: str | Path | None,
@@ -167,12 +179,51 @@ def extract(encoder: nn.Module, ds: Dataset, kind: Kind = "pooled", *, batch_siz
     pooled -> {"last": (n, D) f32, "last4": (n, 4D) f32, "y"}; tokens -> {"tokens": (n, N, D) f16, "y"}.
     With `cache_dir`, a dataset with a known identity is read from / written to the cache.
     """
-    if kind not in ("pooled", "tokens"):
-        raise PipelineError(f"feature kind {kind!r} is not allowed; expected 'pooled' or 'tokens'")
-    path = _cache_path(encoder, ds, kind, cache_dir, encoder_hash)
-    if path is not None and path.is_file():
-        return _with_targets(torch.load(path, map_location="cpu", weights_only=True), ds)
-    feats = _run(encoder, ds, kind, batch_size, num_workers, desc)
-    if path is not None:
-        _save_atomic(feats, path)
-    return _with_targets(feats, ds)
+    hashes = None if encoder_hash is None else {"_": encoder_hash}
+    return extract_many({"_": encoder}, ds, kind, batch_size=batch_size, cache_dir=cache_dir,
+                        num_workers=num_workers, desc=desc, encoder_hashes=hashes)["_"]
+
+
+def extract_many(encoders: dict[str, nn.Module], ds: Dataset, kind: Kind = "pooled", *, batch_size: int = 256,
+                 cache_dir: str | Path | None = None, num_workers: int = 0, desc: str = "features",
+                 encoder_hashes: dict[str, str] | None = None) -> dict[str, dict[str, Tensor]]:
+    """`extract` for several encoders at once: {name: features}. The encoders whose features are not cached
+    share one pass over `ds`, so each image is read, decoded and transformed once, not once per encoder."""
+    jobs = {n: (e, (kind,)) for n, e in encoders.items()}
+    feats = extract_jobs(jobs, ds, batch_size=batch_size, cache_dir=cache_dir, num_workers=num_workers, desc=desc,
+                         encoder_hashes=encoder_hashes)
+    return {n: feats[n][kind] for n in encoders}
+
+
+def extract_jobs(jobs: dict[str, tuple[nn.Module, tuple[Kind, ...]]], ds: Dataset, *, batch_size: int = 256,
+                 cache_dir: str | Path | None = None, num_workers: int = 0, desc: str = "features",
+                 encoder_hashes: dict[str, str] | None = None) -> dict[str, dict[Kind, dict[str, Tensor]]]:
+    """{name: (encoder, kinds)} -> {name: {kind: features}}: what is not cached is computed in one pass over
+    `ds` (one forward per encoder and batch for all its kinds) and cached. An evaluation stage calls it
+    once per dataset with everything its probes will read, which they then find in the cache."""
+    for _, kinds in jobs.values():
+        for kind in kinds:
+            if kind not in ("pooled", "tokens"):
+                raise PipelineError(f"feature kind {kind!r} is not allowed; expected 'pooled' or 'tokens'")
+    hashes = dict(encoder_hashes or {})
+    for n, (e, _) in jobs.items():
+        if cache_dir is not None and n not in hashes:
+            hashes[n] = weights_hash(e)  # once per encoder, not once per kind
+    found: dict[str, dict[Kind, dict[str, Tensor]]] = {n: {} for n in jobs}
+    paths: dict[tuple[str, Kind], Path | None] = {}
+    todo: dict[str, tuple[nn.Module, tuple[Kind, ...]]] = {}
+    for n, (e, kinds) in jobs.items():
+        for kind in kinds:
+            paths[n, kind] = p = _cache_path(e, ds, kind, cache_dir, hashes.get(n))
+            if p is not None and p.is_file():
+                found[n][kind] = torch.load(p, map_location="cpu", weights_only=True)
+        missing = tuple(k for k in kinds if k not in found[n])
+        if missing:
+            todo[n] = (e, missing)
+    if todo:
+        for n, by_kind in _run(todo, ds, batch_size, num_workers, desc).items():
+            for kind, feats in by_kind.items():
+                if paths[n, kind] is not None:
+                    _save_atomic(feats, paths[n, kind])
+                found[n][kind] = feats
+    return {n: {kind: _with_targets(f, ds) for kind, f in by_kind.items()} for n, by_kind in found.items()}

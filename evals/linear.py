@@ -78,6 +78,8 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
     train, val = imagenet_splits(cfg, ctx.root)
     train = common.limit(train, cfg.eval_linear.max_train, cfg.eval_linear.seed)
     val = common.limit(val, cfg.eval_linear.max_test, cfg.eval_linear.seed)
+    common.prefetch(ctx, [train, val], cfg.eval_linear, tokens=common.whole_split_tokens(cfg.eval_linear),
+                    baselines={pixels.NAME: pixels.PixelFeatures()}, num_workers=cfg.data.num_workers)
     results = {name: evaluate_linear(enc, train, val, cfg.eval_linear, cache_dir=ctx.cache_dir,
                                      num_workers=cfg.data.num_workers, hits=True)
                for name, enc in ctx.encoders.items()}

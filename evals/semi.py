@@ -74,6 +74,9 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
     val = common.limit(val, cfg.eval_semi.max_test, cfg.eval_semi.seed)
     subset_file = dataset_paths(cfg.data, ctx.root).imagenet_subset
     subset = subset_indices(train, ImageNetFolder(train.root, "train", subset_file=subset_file))
+    # The val split only: the train rows come from the linear probe's cache, or only the 1 % is encoded.
+    common.prefetch(ctx, [val], cfg.eval_semi, tokens=cfg.eval_semi.attentive,
+                    baselines={pixels.NAME: pixels.PixelFeatures()}, num_workers=cfg.data.num_workers)
     results = {name: evaluate_semi(enc, train, val, subset, cfg.eval_semi, cache_dir=ctx.cache_dir,
                                    num_workers=cfg.data.num_workers, hits=True)
                for name, enc in ctx.encoders.items()}
