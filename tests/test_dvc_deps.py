@@ -1,0 +1,85 @@
+"""dvc.yaml's deps hold every project file each stage runs: editing one must make `dvc repro` rerun it.
+
+A stage's code is the import closure of its `stages/<name>.py` within this repo (imports inside functions
+included: the library imports MLflow, timm and its own modules lazily). A dep covers a file when it names
+the file or a folder above it.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "evals", "stages")
+
+
+def _module_file(name: str) -> Path | None:
+    """pipeline.models.io -> pipeline/models/io.py (or the package's __init__.py); None outside the repo."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(path: Path) -> set[Path]:
+    """The repo files `path` imports, anywhere in it (a package import also brings its __init__.py)."""
+    out: set[Path] = set()
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            names = [base] + [f"{base}.{a.name}" for a in node.names]  # `from evals import common`
+        for name in names:
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__, a/b/__init__ too
+                f = _module_file(".".join(parts[:i]))
+                if f is not None:
+                    out.add(f)
+    return out
+
+
+def _runs_code(path: Path) -> bool:
+    """False for a file of nothing but a docstring (a package's __init__.py): editing it changes no result.
+    Once it holds code it must be a dep like any other file."""
+    body = ast.parse(path.read_text()).body
+    return not all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body)
+
+
+def closure(entry: Path) -> set[Path]:
+    seen, todo = set(), [entry]
+    while todo:
+        f = todo.pop()
+        if f not in seen:
+            seen.add(f)
+            todo.extend(_imports(f) - seen)
+    return seen
+
+
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_deps_cover_the_code_it_runs(name):
+    stage = STAGES[name]
+    module = stage["cmd"].split("-m ", 1)[1].split()[0]  # python -m stages.<name>
+    deps = [ROOT / d for d in stage.get("deps", []) if "${" not in d]
+    covered = lambda f: any(f == d or d in f.parents for d in deps)  # noqa: E731
+    missing = sorted(str(f.relative_to(ROOT)) for f in closure(_module_file(module))
+                     if not covered(f) and _runs_code(f))
+    assert not missing, f"dvc.yaml stage {name!r} runs these files but does not depend on them: {missing}"
+
+
+def test_closure_follows_lazy_and_package_imports():
+    files = {str(f.relative_to(ROOT)) for f in closure(ROOT / "stages" / "eval_linear.py")}
+    assert {"evals/linear.py", "evals/common.py", "pipeline/models/checkpoints.py", "pipeline/tracking.py"} <= files
