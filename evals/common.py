@@ -214,6 +214,9 @@ def write_json(obj: Any, path: Path) -> Path:
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a metrics file is as readable as its siblings
     os.replace(tmp, path)
     return path
 

@@ -38,3 +38,16 @@ def tiny_cfg(tmp_path) -> Config:
         "mlflow.artifact_root": str(tmp_path / "mlartifacts"),
         "mask.min_keep": 2,
     })
+
+
+@pytest.fixture(scope="session")
+def eval_data(tmp_path_factory) -> Path:
+    """The synthetic export at 32 px (64 train / 32 val scenes) in every real format, once per session:
+    the evaluation stages' data."""
+    from pipeline.data import export_synthetic
+
+    root = tmp_path_factory.mktemp("evaldata")
+    cfg = load_config(ROOT / "params.yaml").replace(**{
+        "data.image_size": 32, "data.synthetic.train_scenes": 64, "data.synthetic.val_scenes": 32})
+    export_synthetic(cfg.data, root, progress=False)
+    return root

@@ -1,6 +1,7 @@
 """Evaluating an encoder that this pipeline did not pretrain: no pretrain stage, no models/ folder."""
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -11,8 +12,6 @@ import torch
 import yaml
 
 from evals import clevr, depth, linear, report, semi
-from pipeline.config import load_config
-from pipeline.data import export_synthetic
 from pipeline.errors import PipelineError
 from pipeline.models import build_encoder
 
@@ -20,15 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = {"eval_linear.epochs": 3, "eval_semi.epochs": 3, "eval_clevr.epochs": 3, "eval_depth.epochs": 2,
         "eval_depth.num_bins": 8, "mlflow.system_metrics": False,
         "eval_linear.lrs": [0.01], "eval_linear.weight_decays": [0.0]}
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("extdata")
-    cfg = load_config(ROOT / "params.yaml").replace(**{
-        "data.image_size": 32, "data.synthetic.train_scenes": 48, "data.synthetic.val_scenes": 24})
-    export_synthetic(cfg.data, root, progress=False)
-    return root
 
 
 def _official_file(path: Path, cfg) -> Path:
@@ -48,12 +38,15 @@ def _runs(cfg) -> list[tuple[str, str | None]]:
     return sorted((names[r], names.get(parents.get(r))) for r in names)
 
 
-def test_official_checkpoint_evaluated_without_pretraining(tiny_cfg, data_root, tmp_path):
+def test_official_checkpoint_evaluated_without_pretraining(tiny_cfg, eval_data, tmp_path):
     ckpt = _official_file(tmp_path / "IN1K-vit.micro.8-300e.pth.tar", tiny_cfg)
-    cfg = tiny_cfg.replace(**FAST, **{"data.root": str(data_root), "evaluate.encoder": str(ckpt)})
+    cfg = tiny_cfg.replace(**FAST, **{"data.root": str(eval_data), "evaluate.encoder": str(ckpt)})
     assert not Path(cfg.pretrain.out_dir).exists()
     m = linear.run(cfg, tmp_path)
     assert 0 <= m["ijepa"]["last"]["top1"] <= 100 and "p_value" in m["paired"]["last"]["top1"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "metrics" / "eval_linear.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     report.run(cfg, tmp_path)  # the report of what ran so far, logged under the same parent
     runs = _runs(cfg)
     parent = f"evaluate {ckpt.name}"
@@ -62,12 +55,12 @@ def test_official_checkpoint_evaluated_without_pretraining(tiny_cfg, data_root, 
     assert (tmp_path / "reports" / "evals.md").is_file()
 
 
-def test_hugging_face_folder_runs_every_stage(tiny_cfg, data_root, tmp_path):
+def test_hugging_face_folder_runs_every_stage(tiny_cfg, eval_data, tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.IJepaConfig(hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
                                       intermediate_size=512, image_size=32, patch_size=8)
     transformers.IJepaModel(config).save_pretrained(tmp_path / "ijepa_micro")
-    cfg = tiny_cfg.replace(**FAST, **{"data.root": str(data_root), "evaluate.encoder": str(tmp_path / "ijepa_micro")})
+    cfg = tiny_cfg.replace(**FAST, **{"data.root": str(eval_data), "evaluate.encoder": str(tmp_path / "ijepa_micro")})
     for stage in (linear, semi, clevr, depth):
         stage.run(cfg, tmp_path)
     table = report.run(cfg, tmp_path)

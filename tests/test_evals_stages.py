@@ -12,8 +12,6 @@ import yaml
 
 from evals import clevr, depth, linear, report, semi
 from pipeline import tracking
-from pipeline.config import load_config
-from pipeline.data import export_synthetic
 from pipeline.errors import PipelineError
 from pipeline.models import build_encoder, save_encoder
 
@@ -21,16 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = {"eval_linear.epochs": 5, "eval_semi.epochs": 5, "eval_clevr.epochs": 5, "eval_depth.epochs": 3,
         "eval_linear.attentive_epochs": 3, "eval_semi.attentive_epochs": 3, "eval_clevr.attentive_epochs": 3,
         "eval_depth.num_bins": 16, "mlflow.system_metrics": False}
-
-
-@pytest.fixture(scope="module")
-def shared_data(tmp_path_factory) -> Path:
-    """The synthetic export at 32 px (64 train / 32 val scenes), once for this module."""
-    root = tmp_path_factory.mktemp("evaldata")
-    cfg = load_config(ROOT / "params.yaml").replace(**{
-        "data.image_size": 32, "data.synthetic.train_scenes": 64, "data.synthetic.val_scenes": 32})
-    export_synthetic(cfg.data, root, progress=False)
-    return root
 
 
 @pytest.fixture
@@ -52,8 +40,8 @@ def run_names(cfg) -> list[str]:
 
 
 @pytest.mark.slow  # ~2 min on the busy 2-core box: 5 MLflow child runs, 2 encoders x 3 datasets
-def test_every_stage_end_to_end(cfg, shared_data, tmp_path):
-    cfg = cfg.replace(**{"data.root": str(shared_data)})
+def test_every_stage_end_to_end(cfg, eval_data, tmp_path):
+    cfg = cfg.replace(**{"data.root": str(eval_data)})
     with tracking.pipeline_run(cfg, "pretrain", root=tmp_path) as run:
         tracking.write_run_id(run.info.run_id, Path(cfg.pretrain.out_dir) / "run_id.txt")
     m = linear.run(cfg, tmp_path)
