@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from evals.paired import pair_up
+from pipeline.atomic import atomic_write_json
 from pipeline.config import ClassifierProbeConfig, Config, ProbeConfig
 from pipeline.errors import PipelineError
 
@@ -208,17 +207,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def write_json(obj: Any, path: Path) -> Path:
-    """Atomic JSON write (a temporary sibling, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a metrics file is as readable as its siblings
-    os.replace(tmp, path)
-    return path
+    """Atomic JSON write (a temporary sibling, then a rename; 0644 under the default umask)."""
+    return atomic_write_json(path, obj)
 
 
 def finish(cfg: Config, ctx: EvalContext, name: str, metrics: dict[str, Any], params: dict[str, Any],

@@ -21,7 +21,6 @@ import hashlib
 import itertools
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from pipeline.atomic import atomic_write
 from pipeline.errors import PipelineError
 from pipeline.progress import progress
 
@@ -95,15 +95,7 @@ def _targets(ds: Dataset) -> Tensor | None:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 @torch.no_grad()

@@ -10,14 +10,12 @@ half-written encoder that an evaluation would take as complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from pipeline.atomic import atomic_dir
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
 from pipeline.models.encoder import Encoder
@@ -30,21 +28,12 @@ META = "model.json"
 def save_encoder(encoder: Encoder, model: ModelConfig, image_size: int, out_dir: str | Path,
                  extra: dict | None = None) -> Path:
     """Write `encoder` to `out_dir` (the folder itself is replaced atomically); return it."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
         torch.save(state, tmp / WEIGHTS)
         meta = {"model": asdict(model), "image_size": int(image_size), **(extra or {})}
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def load_encoder(path: str | Path) -> Encoder:
