@@ -41,6 +41,9 @@ Regularizer = Literal["none", "vicreg", "sigreg"]
 REGULARIZERS: tuple[str, ...] = typing.get_args(Regularizer)
 
 
+STORAGE_SCHEMES = ("s3", "gs")  # object stores that pyarrow.fs, hence Ray Train, opens by URI
+
+
 class ConfigError(PipelineError):
     """A bad value in params.yaml. `str()` is one line: key, bad value, what is allowed."""
 
@@ -235,10 +238,14 @@ class RayConfig:
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     accelerator_type: str | None = None  # e.g. "A100"
-    storage_path: str = "ray_results"
+    storage_path: str = "ray_results"  # a folder (relative: to the repo) or s3://bucket/prefix, shared by all nodes
 
     def __post_init__(self):
         _check(self.num_workers >= 1, "num_workers", self.num_workers, "an integer >= 1")
+        scheme, uri, rest = self.storage_path.partition("://")
+        _check(bool(self.storage_path.strip()) and (not uri or (scheme in STORAGE_SCHEMES and rest.strip("/"))),
+               "storage_path", self.storage_path,
+               f"a local folder or an object-store URI {' or '.join(s + '://bucket/prefix' for s in STORAGE_SCHEMES)}")
         for k, v in self.resources_per_worker.items():
             _check(v >= 0, f"resources_per_worker.{k}", v, "a number >= 0")
 

@@ -5,11 +5,13 @@
     tune_sweep(cfg, root, name, ...)     the sweep stage's Tuner: one trial = one short pretraining (pipeline.sweep)
 
 A pretraining run is named by the hash of the sections that change what it learns (`run_name`). Its Ray
-storage is `<ray.storage_path>/<name>/`; Ray Train V2 resumes a run from its latest checkpoint when a
-trainer with the same (storage_path, name) is started again, so re-running the stage after the whole
-process was killed continues where the last checkpoint left off. `<name>/pipeline.json` records the
-MLflow run id (the resumed run logs into the same MLflow run) and, once training ended, the final
-checkpoint: a finished run is not retrained, only its outputs are written again.
+storage is `<ray.storage_path>/<name>/`: a local folder, or an object-store prefix (`s3://bucket/prefix`)
+that every node of a cluster reaches (`pipeline.storage`). Ray Train V2 resumes a run from its latest
+checkpoint when a trainer with the same (storage_path, name) is started again, so re-running the stage
+after the whole process was killed continues where the last checkpoint left off. `<name>/pipeline.json`
+records the MLflow run id (the resumed run logs into the same MLflow run) and, once training ended, the
+final checkpoint: a finished run is not retrained, only its outputs are written again (from a checkpoint
+on an object store, downloaded first).
 
 Outputs (relative paths against `root`): `<pretrain.out_dir>/encoder/` (the target encoder),
 `<pretrain.out_dir>/run_id.txt`, `metrics/pretrain.json`, `metrics/pretrain_curve.csv` and, when
@@ -50,7 +52,7 @@ from ray.util.placement_group import PlacementGroup, placement_group_table, remo
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from pipeline import tracking
+from pipeline import storage, tracking
 from pipeline.config import Config, RayConfig
 from pipeline.diagnostics import DIAG_COLUMNS
 from pipeline.errors import PipelineError
@@ -69,6 +71,7 @@ from pipeline.train import (
 RUN_SECTIONS = ("data", "mask", "model", "optim", "pretrain")  # what a run learns from; not ray, not mlflow
 STATE_FILE = "pipeline.json"
 STOP_FILE = "nan_stop.json"
+TRIAL_RUN_ID = "mlflow_run_id.txt"  # under trials/<trial id>/ of a sweep
 PID_DIR = "worker_pids"  # rank-<r>.pid of the current worker processes
 METRICS_JSON = Path("metrics/pretrain.json")
 CURVE_CSV = Path("metrics/pretrain_curve.csv")
@@ -111,14 +114,14 @@ def shutdown_ray() -> None:
 
 
 def _reporter(stop_file: str | None) -> Callable[[dict[str, Any], Path | None], None]:
-    """`ray.train.report`; a NaN stop is also written to `stop_file`, since a run's result only keeps the
-    metrics of its last checkpoint (and a NaN stop writes none)."""
+    """`ray.train.report`; a NaN stop is also written to `stop_file` (a `pipeline.storage` location), since
+    a run's result only keeps the metrics of its last checkpoint (and a NaN stop writes none)."""
 
     def report(metrics: dict[str, Any], directory: Path | None) -> None:
         checkpoint = Checkpoint.from_directory(str(directory)) if directory is not None else None
         ray.train.report(metrics, checkpoint=checkpoint)
         if stop_file and "nan_step" in metrics and ray.train.get_context().get_world_rank() == 0:
-            Path(stop_file).write_text(json.dumps(metrics) + "\n")
+            storage.write_text(stop_file, json.dumps(metrics) + "\n")
 
     return report
 
@@ -128,8 +131,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     cfg: Config = config["cfg"]
     rank = ray.train.get_context().get_world_rank()
     if config.get("pid_dir"):  # which process is which rank: for operators (and tests) that kill one
-        Path(config["pid_dir"]).mkdir(parents=True, exist_ok=True)
-        Path(config["pid_dir"], f"rank-{rank}.pid").write_text(f"{os.getpid()}\n")
+        storage.write_text(storage.join(config["pid_dir"], f"rank-{rank}.pid"), f"{os.getpid()}\n")
     set_threads(cfg.ray.resources_per_worker.get("CPU", 1.0))
     device = ray.train.torch.get_device() if cfg.ray.use_gpu else None
     restore = None
@@ -153,6 +155,7 @@ def build_trainer(cfg: Config, dataset_fn: Callable[[], Dataset], name: str, sto
                   heldout_fn: Callable[[], Tensor | None] | None = None) -> TorchTrainer:
     """A TorchTrainer running `train_worker` on `cfg.ray.num_workers` workers.
 
+    `storage_path`: a local folder (relative: to the working directory) or an object-store URI.
     `dataset_fn()` builds the dataset inside each worker (picklable: a module-level function or a
     functools.partial of one). MLflow metrics go to `run_id` when given; a NaN stop is written to
     `stop_file` (JSON with `nan_step`) when given. A Tune trial passes
@@ -161,14 +164,15 @@ def build_trainer(cfg: Config, dataset_fn: Callable[[], Dataset], name: str, sto
     `heldout_fn()` (rank 0) gives the diagnostics batch (n, 3, S, S); None: a fixed batch of the train set.
     """
     r = cfg.ray
+    location = storage.resolve(Path.cwd(), storage_path)
     scaling = ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                             resources_per_worker=dict(r.resources_per_worker), accelerator_type=r.accelerator_type)
-    run = RunConfig(name=name, storage_path=str(Path(storage_path).resolve()), callbacks=list(callbacks),
+    run = RunConfig(name=name, storage_path=location, callbacks=list(callbacks),
                     failure_config=FailureConfig(max_failures=cfg.pretrain.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.pretrain.num_to_keep))
     loop_config = {"cfg": cfg, "dataset_fn": dataset_fn, "run_id": run_id, "tracking_uri": tracking_uri,
                    "max_epochs": max_epochs, "stop_file": str(stop_file) if stop_file else None,
-                   "pid_dir": str(Path(storage_path).resolve() / name / PID_DIR), "epoch_end": epoch_end,
+                   "pid_dir": storage.join(location, name, PID_DIR), "epoch_end": epoch_end,
                    "heldout_fn": heldout_fn}
     return TorchTrainer(_worker_loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
 
@@ -176,15 +180,28 @@ def build_trainer(cfg: Config, dataset_fn: Callable[[], Dataset], name: str, sto
 # --------------------------------------------------------------------------------------------- stage
 
 
-def _read_state(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _read_state(location: str | Path) -> dict[str, Any]:
+    text = storage.read_text(str(location))
+    return json.loads(text) if text is not None else {}
 
 
-def _write_state(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2, default=str) + "\n")
-    tmp.replace(path)
+def _write_state(location: str | Path, state: dict[str, Any]) -> None:
+    storage.write_text(str(location), json.dumps(state, indent=2, default=str) + "\n")
+
+
+def _checkpoint_location(storage_location: str, checkpoint: Checkpoint) -> str:
+    """A result's checkpoint as a `pipeline.storage` location (Ray gives a path on its filesystem, without
+    the URI scheme of an object store)."""
+    scheme = storage.scheme(storage_location)
+    return f"{scheme}://{checkpoint.path.lstrip('/')}" if scheme else checkpoint.path
+
+
+def _check_storage(cfg: RayConfig, location: str) -> None:
+    """A one-line error when the object store behind `ray.storage_path` cannot hold runs (before Ray)."""
+    problem = storage.problem(location)
+    if problem:
+        raise PipelineError(f"ray.storage_path = {cfg.storage_path!r}: {problem}; create the bucket or set "
+                            "AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
 
 
 def pretrain(cfg: Config, root: str | Path | None = None,
@@ -193,15 +210,17 @@ def pretrain(cfg: Config, root: str | Path | None = None,
 
     `dataset_fn` defaults to the ImageNet-format train split under `cfg.data` (tests pass a tiny one); the
     diagnostics then run on held-out val images (`pipeline.train.heldout_images`).
-    Raises PipelineError before any training when MLflow is unreachable or the data is missing, and
-    when the loss stops being finite (naming the step; the last good checkpoint stays in the storage).
+    Raises PipelineError before any training when MLflow or the storage is unreachable or the data is
+    missing, and when the loss stops being finite (naming the step; the last good checkpoint stays in the
+    storage).
     """
     root = Path(root or Path.cwd()).resolve()
-    storage, out_dir = _abs(root, cfg.ray.storage_path), _abs(root, cfg.pretrain.out_dir)
+    location, out_dir = storage.resolve(root, cfg.ray.storage_path), _abs(root, cfg.pretrain.out_dir)
     name = run_name(cfg)
-    state_file = storage / name / STATE_FILE
+    state_file = storage.join(location, name, STATE_FILE)
     uri = tracking.tracking_uri(cfg.mlflow, root)
     tracking.connect(cfg.mlflow, root)  # unreachable server: one-line error before anything starts
+    _check_storage(cfg.ray, location)
     heldout_fn = functools.partial(heldout_images, cfg, str(root)) if dataset_fn is None else None
     dataset_fn = dataset_fn or functools.partial(pretrain_dataset, cfg, str(root))
     dataset_fn()  # missing or empty data: one-line error here, not inside a Ray worker
@@ -210,40 +229,43 @@ def pretrain(cfg: Config, root: str | Path | None = None,
     run_id = state.get("mlflow_run_id")
     if run_id and tracking.run_status(run_id) is None:
         run_id = None  # the MLflow store was reset: open a new run
-    with tracking.pipeline_run(cfg, "pretrain", run_id=run_id, root=root) as run:
+    with tracking.pipeline_run(cfg, "pretrain", run_id=run_id, root=root, driver_system_metrics=False) as run:
         run_id = run.info.run_id
         tracking.set_tag("ray_run_name", name)
-        finished = state.get("status") == "finished" and Path(state.get("checkpoint", "")).is_dir()
+        finished = state.get("status") == "finished" and storage.is_dir(state.get("checkpoint", ""))
         if finished:
             print(f"pretrain: {name} already finished; writing its outputs from {state['checkpoint']}")
-            summary, checkpoint_dir = state["summary"], Path(state["checkpoint"])
+            summary, checkpoint = state["summary"], state["checkpoint"]
         else:
             _write_state(state_file, {"mlflow_run_id": run_id, "status": "running"})
             init_ray(cfg.ray)
-            stop_file = storage / name / STOP_FILE
-            stop_file.unlink(missing_ok=True)
-            result = build_trainer(cfg, dataset_fn, name, storage, tracking_uri=uri, run_id=run_id,
+            stop_file = storage.join(location, name, STOP_FILE)
+            storage.delete(stop_file)
+            result = build_trainer(cfg, dataset_fn, name, location, tracking_uri=uri, run_id=run_id,
                                    stop_file=stop_file, heldout_fn=heldout_fn).fit()
             summary = dict(result.metrics or {})
-            if stop_file.is_file():
-                nan_step = json.loads(stop_file.read_text())["nan_step"]
-                last = result.checkpoint.path if result.checkpoint else "none"
+            stop = storage.read_text(stop_file)
+            if stop is not None:
+                nan_step = json.loads(stop)["nan_step"]
+                last = _checkpoint_location(location, result.checkpoint) if result.checkpoint else "none"
                 tracking.set_tag("failure", f"non-finite loss at step {nan_step}")
                 raise PipelineError(f"loss is not finite at step {nan_step}; training stopped, last good "
                                     f"checkpoint {last} kept; lower optim.lr or set optim.grad_clip")
             if result.checkpoint is None or not summary.get("finished"):
                 raise PipelineError(f"pretrain run {name} ended without a final checkpoint ({summary})")
-            checkpoint_dir = Path(result.checkpoint.path)
+            checkpoint = _checkpoint_location(location, result.checkpoint)
             _write_state(state_file, {"mlflow_run_id": run_id, "status": "finished", "summary": summary,
-                                      "checkpoint": str(checkpoint_dir)})
+                                      "checkpoint": checkpoint})
         summary = {**summary, "retrained": not finished}
-        return _write_outputs(cfg, root, out_dir, checkpoint_dir, run_id, name, summary)
+        return _write_outputs(cfg, root, out_dir, checkpoint, run_id, name, summary)
 
 
-def _write_outputs(cfg: Config, root: Path, out_dir: Path, checkpoint_dir: Path, run_id: str, name: str,
+def _write_outputs(cfg: Config, root: Path, out_dir: Path, checkpoint: str, run_id: str, name: str,
                    summary: dict[str, Any]) -> dict[str, Any]:
-    """Encoder, run id, metrics JSON, curve CSV (+ PNG) from the final checkpoint; all into MLflow too."""
-    state = load_checkpoint(checkpoint_dir)
+    """Encoder, run id, metrics JSON, curve CSV (+ PNG) from the final checkpoint (a `pipeline.storage`
+    location, downloaded when on an object store); all into MLflow too."""
+    with storage.local_dir(checkpoint) as d:
+        state = load_checkpoint(d)
     model = build_ijepa(cfg)
     model.load_state_dict(state["model"])
     encoder_dir = save_encoder(model.target_encoder, cfg.model, cfg.data.image_size, out_dir / "encoder",
@@ -333,8 +355,8 @@ def _sweep_trial(params: dict[str, Any], *, cfg: Config, root: str, trial_config
     root_path = Path(root)
     uri = tracking.tracking_uri(cfg.mlflow, root_path)
     tracking.connect(cfg.mlflow, root_path)
-    id_file = Path(trials_dir) / trial_id / "mlflow_run_id.txt"
-    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    id_file = storage.join(trials_dir, trial_id, TRIAL_RUN_ID)
+    run_id = (storage.read_text(id_file) or "").strip() or None
     if run_id and tracking.run_status(run_id) is None:
         run_id = None
     run_params = {"trial_id": trial_id, **{f"trial.{k}": v for k, v in params.items()},  # the search axes
@@ -342,7 +364,7 @@ def _sweep_trial(params: dict[str, Any], *, cfg: Config, root: str, trial_config
     opened = (tracking.pipeline_run(tcfg, label(params), run_id=run_id, root=root_path) if run_id
               else tracking.child_run(parent_run_id, label(params), params=run_params))
     with opened as run:
-        tracking.write_run_id(run.info.run_id, id_file)
+        storage.write_text(id_file, run.info.run_id + "\n")
         build_trainer(tcfg, dataset_fn, trial_id, trials_dir, tracking_uri=uri, run_id=run.info.run_id,
                       max_epochs=cfg.tune.epochs, callbacks=[_EpochReports(metric)], epoch_end=epoch_end).fit()
 
@@ -387,7 +409,7 @@ def _param_space(cfg: Config, space: dict[str, list[Any]]) -> dict[str, Any]:
     return {k: pick(v) for k, v in space.items()}
 
 
-def _trial_record(result: Any, trials_dir: Path, keys: Sequence[str]) -> dict[str, Any]:
+def _trial_record(result: Any, trials_dir: str, keys: Sequence[str]) -> dict[str, Any]:
     """{"trial_id", "params", "history": [one dict per epoch], "error", "mlflow_run_id"} of a Tune result."""
     df = result.metrics_dataframe
     history: list[dict[str, Any]] = []
@@ -396,10 +418,10 @@ def _trial_record(result: Any, trials_dir: Path, keys: Sequence[str]) -> dict[st
         history = [{k: (float(v) if k != "epoch" else int(v)) for k, v in row.items() if k in keys and v == v}
                    for row in df.to_dict("records")]
     trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
-    id_file = trials_dir / trial_id / "mlflow_run_id.txt"
+    run_id = (storage.read_text(storage.join(trials_dir, trial_id, TRIAL_RUN_ID)) or "").strip() or None
     return {"trial_id": trial_id, "params": dict(result.config), "history": history,
             "error": str(result.error).splitlines()[0] if result.error else None,
-            "mlflow_run_id": id_file.read_text().strip() if id_file.is_file() else None}
+            "mlflow_run_id": run_id}
 
 
 def tune_sweep(cfg: Config, root: str | Path, name: str, *, space: dict[str, list[Any]],
@@ -411,14 +433,17 @@ def tune_sweep(cfg: Config, root: str | Path, name: str, *, space: dict[str, lis
 
     Trials: `trial_config(cfg, params)` pretrained by `build_trainer` for `tune.epochs` epochs with
     `epoch_end` scoring each epoch; ASHA (time unit: epochs, `metric`, mode max) stops the weak ones.
-    Storage `<ray.storage_path>/<name>/`: Tune's experiment (Tuner.restore resumes it), `trials/<id>/`
-    (each trial's TorchTrainer) and `pipeline.json` (the parent MLflow run, then the finished records:
-    a finished sweep is not rerun). `check_resources(cfg, ray.cluster_resources())` runs before any trial
-    and returns how many trials fit at once (Train gives up on workers that wait a minute for resources).
+    Storage `<ray.storage_path>/<name>/` (a local folder or an object-store prefix): Tune's experiment
+    (Tuner.restore resumes it), `trials/<id>/` (each trial's TorchTrainer and MLflow run id) and
+    `pipeline.json` (the parent MLflow run, then the finished records: a finished sweep is not rerun).
+    `check_resources(cfg, ray.cluster_resources())` runs before any trial and returns how many trials fit
+    at once (Train gives up on workers that wait a minute for resources).
     """
     root = Path(root).resolve()
-    exp_dir = _abs(root, cfg.ray.storage_path) / name
-    trials_dir, state_file = exp_dir / "trials", exp_dir / STATE_FILE
+    location = storage.resolve(root, cfg.ray.storage_path)
+    _check_storage(cfg.ray, location)
+    exp_dir = storage.join(location, name)
+    trials_dir, state_file = storage.join(exp_dir, "trials"), storage.join(exp_dir, STATE_FILE)
     state = _read_state(state_file)
     parent = state.get("mlflow_run_id")
     if parent and tracking.run_status(parent) is None:
@@ -436,13 +461,13 @@ def tune_sweep(cfg: Config, root: str | Path, name: str, *, space: dict[str, lis
         trainable = tune.with_resources(
             tune.with_parameters(_sweep_trial, cfg=cfg, root=str(root), trial_config=trial_config,
                                  dataset_fn=dataset_fn, epoch_end=epoch_end, label=label, metric=metric,
-                                 parent_run_id=parent, trials_dir=str(trials_dir)),
+                                 parent_run_id=parent, trials_dir=trials_dir),
             driver_resources)
         first = trial_config(cfg, {k: v[0] for k, v in space.items()})
         reaper = _PlacementGroupReaper(dict(first.ray.resources_per_worker))
-        if tune.Tuner.can_restore(str(exp_dir)):
+        if tune.Tuner.can_restore(exp_dir):
             print(f"sweep: resuming {name} from {exp_dir}")
-            tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=True)
         else:
             # stop_last_trials=False: ASHA does not stop a trial for reaching max_t; it ends on its own.
             # With True it is stopped on its last report while its TrainController is still wrapping up:
@@ -454,7 +479,7 @@ def tune_sweep(cfg: Config, root: str | Path, name: str, *, space: dict[str, lis
                 trainable, param_space=_param_space(cfg, space),
                 tune_config=tune.TuneConfig(scheduler=asha, num_samples=t.num_samples, search_alg=BasicVariantGenerator(
                     random_state=cfg.pretrain.seed, max_concurrent=concurrent)),
-                run_config=tune.RunConfig(name=name, storage_path=str(exp_dir.parent), callbacks=[reaper],
+                run_config=tune.RunConfig(name=name, storage_path=location, callbacks=[reaper],
                                           failure_config=tune.FailureConfig(max_failures=0)))
         results = tuner.fit()
     trials = sorted((_trial_record(r, trials_dir, history_keys) for r in results), key=lambda r: r["trial_id"])

@@ -1,5 +1,11 @@
-"""Shared fixtures: the repo root and a tiny config that runs anywhere in seconds."""
+"""Shared fixtures: the repo root, a tiny config that runs anywhere in seconds, an S3-compatible server."""
 
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -51,3 +57,50 @@ def eval_data(tmp_path_factory) -> Path:
         "data.image_size": 32, "data.synthetic.train_scenes": 64, "data.synthetic.val_scenes": 32})
     export_synthetic(cfg.data, root, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory) -> str:
+    """`http://127.0.0.1:<port>` of a moto S3 server started for the session (skipped without moto[server])."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install 'moto[server]')")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1",
+                             "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(150):
+            try:
+                urllib.request.urlopen(url, timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail(f"moto_server exited with {proc.returncode}; see {log.name}")
+                time.sleep(0.2)
+        else:
+            pytest.fail(f"moto_server did not answer on {url} within 30 s; see {log.name}")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch) -> str:
+    """`s3://<new bucket>` on the moto server, with the standard AWS_* variables pointing every client
+    (pyarrow, hence Ray; boto3; DVC) at it for the test, and at nothing else."""
+    import pyarrow.fs as pafs
+
+    env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(key, raising=False)
+    bucket = f"ijepa-{uuid.uuid4().hex[:12]}"
+    pafs.S3FileSystem(endpoint_override=s3_endpoint, access_key="testing", secret_key="testing", region="us-east-1",
+                      allow_bucket_creation=True).create_dir(bucket)
+    return f"s3://{bucket}"

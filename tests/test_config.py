@@ -68,6 +68,8 @@ BAD = [
     ({"model": {"name": "vit_enormous"}}, "model.name"),
     ({"model": {"patch_size": 15}}, "model.patch_size"),
     ({"ray": {"num_workers": 0}}, "ray.num_workers"),
+    ({"ray": {"storage_path": "ftp://host/ray_results"}}, "ray.storage_path"),
+    ({"ray": {"storage_path": "s3://"}}, "ray.storage_path"),
     ({"data": {"synthetic": {"processes": 0}}}, "data.synthetic.processes"),
     ({"data": {"image_size": 70}}, "data.image_size"),
     ({"eval_depth": {"num_bins": 1}}, "eval_depth.num_bins"),
@@ -142,6 +144,15 @@ def test_regularizer_messages(override, message):
     with pytest.raises(ConfigError) as err:
         from_dict({"preset": "demo", **override})
     assert str(err.value) == message
+
+
+def test_storage_path_is_a_folder_or_an_object_store_uri():
+    for ok in ("ray_results", "/shared/ray_results", "s3://bucket/ijepa/ray_results", "gs://bucket/x"):
+        assert from_dict({"ray": {"storage_path": ok}}).ray.storage_path == ok
+    with pytest.raises(ConfigError) as err:
+        from_dict({"ray": {"storage_path": "ftp://host/x"}})
+    assert str(err.value) == ("params: ray.storage_path = 'ftp://host/x' is not allowed; expected a local folder "
+                              "or an object-store URI s3://bucket/prefix or gs://bucket/prefix")
 
 
 def test_params_stage_rejects_bad_reg_in_one_line_and_writes_nothing(tmp_path):
