@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from pipeline.atomic import atomic_write_text
+
 
 def scheme(location: str | Path) -> str | None:
     """`"s3"` for `s3://bucket/x`, None for a local path."""
@@ -77,10 +79,7 @@ def write_text(location: str, text: str) -> None:
     reader never sees half of it."""
     fs, path = _fs(location)
     if isinstance(fs, pafs.LocalFileSystem):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(path).with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic_write_text(path, text)
         return
     with fs.open_output_stream(path) as f:
         f.write(text.encode())
