@@ -139,13 +139,14 @@ def _worker_loop(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             restore = load_checkpoint(d)
-    tracker = None
-    if config.get("run_id") and rank == 0:
-        tracker = tracking.RunLogger(config["tracking_uri"], config["run_id"])
     heldout = config["heldout_fn"]() if rank == 0 and config.get("heldout_fn") else None
-    train_worker(cfg, config["dataset_fn"](), _reporter(config.get("stop_file")), restore=restore, tracker=tracker,
-                 max_epochs=config.get("max_epochs"), device=device, epoch_end=config.get("epoch_end"),
-                 heldout=heldout)
+    ctx = ray.train.get_context()
+    with tracking.worker_tracking(config["tracking_uri"], config["run_id"], rank=rank, node_rank=ctx.get_node_rank(),
+                                  local_rank=ctx.get_local_rank(), system_metrics=cfg.mlflow.system_metrics,
+                                  unsent=config["unsent"]) as tracker:
+        train_worker(cfg, config["dataset_fn"](), _reporter(config.get("stop_file")), restore=restore,
+                     tracker=tracker, max_epochs=config.get("max_epochs"), device=device,
+                     epoch_end=config.get("epoch_end"), heldout=heldout)
 
 
 def build_trainer(cfg: Config, dataset_fn: Callable[[], Dataset], name: str, storage_path: str | Path, *,
@@ -173,7 +174,7 @@ def build_trainer(cfg: Config, dataset_fn: Callable[[], Dataset], name: str, sto
     loop_config = {"cfg": cfg, "dataset_fn": dataset_fn, "run_id": run_id, "tracking_uri": tracking_uri,
                    "max_epochs": max_epochs, "stop_file": str(stop_file) if stop_file else None,
                    "pid_dir": storage.join(location, name, PID_DIR), "epoch_end": epoch_end,
-                   "heldout_fn": heldout_fn}
+                   "heldout_fn": heldout_fn, "unsent": storage.join(location, name, tracking.UNSENT_FILE)}
     return TorchTrainer(_worker_loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
 
 
@@ -289,17 +290,24 @@ def _write_outputs(cfg: Config, root: Path, out_dir: Path, checkpoint: str, run_
     json_path.with_suffix(".tmp").write_text(json.dumps(metrics, indent=2) + "\n")
     json_path.with_suffix(".tmp").replace(json_path)
 
-    tracking.log_metrics({k: metrics[k] for k in ("final_loss", "images_per_s", "wall_s")}, step=metrics["steps"])
-    tracking.log_artifacts(encoder_dir, "encoder")
-    tracking.log_encoder_model(model.target_encoder, encoder_meta(encoder_dir), cfg.mlflow)
-    tracking.log_artifact(csv_path)
     png = _curves_png(cfg, history, root / CURVES_PNG)
-    if png is not None:
-        tracking.log_artifact(png)
-    with tempfile.TemporaryDirectory() as d:
-        params = Path(d) / "params.yaml"  # the resolved config (preset applied) this run trained with
-        params.write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=list)), sort_keys=False))
-        tracking.log_artifact(params)
+    # The local outputs are written; a server gone now fails the stage, and a rerun (not retraining) logs again.
+    unsent = storage.join(storage.resolve(root, cfg.ray.storage_path), name, tracking.UNSENT_FILE)
+    waiting = tracking.count_unsent(unsent)
+    kept = f" and {waiting} metric batches wait in {unsent}" if waiting else ""
+    with tracking.server_needed(tracking.tracking_uri(cfg.mlflow, root), f"the outputs are written{kept}; start it "
+                                "and rerun the stage: it does not train again, it logs them"):
+        tracking.replay_unsent(unsent)  # what rank 0 could not send during training
+        tracking.log_metrics({k: metrics[k] for k in ("final_loss", "images_per_s", "wall_s")}, step=metrics["steps"])
+        tracking.log_artifacts(encoder_dir, "encoder")
+        tracking.log_encoder_model(model.target_encoder, encoder_meta(encoder_dir), cfg.mlflow)
+        tracking.log_artifact(csv_path)
+        if png is not None:
+            tracking.log_artifact(png)
+        with tempfile.TemporaryDirectory() as d:
+            params = Path(d) / "params.yaml"  # the resolved config (preset applied) this run trained with
+            params.write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=list)), sort_keys=False))
+            tracking.log_artifact(params)
     print(f"pretrain: {metrics['steps']} steps, final loss {metrics['final_loss']:.4f}, "
           f"{metrics['images_per_s']:.1f} img/s -> {encoder_dir}")
     return metrics

@@ -3,10 +3,19 @@
 Embedded default: a SQLite store `mlflow.db` and an artifact folder in the repo; `mlflow.tracking_uri`
 points at a server instead. One MLflow run per pipeline run (the pretrain stage opens it and writes its
 id to a small file that dvc declares); evaluation stages log into it as child runs.
+
+A server that goes away mid-run does not stop training: rank 0's `RunLogger` keeps the batches it could not
+send in `UNSENT_FILE` (one JSON line each, in the Ray storage folder of the run) with one warning line, and
+the pretrain stage sends them when it ends (`replay_unsent`). System metrics of the pretrain run:
+`system/node<k>/...`, one set per Ray node that trains (`worker_tracking`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import socket
 import subprocess
 import time
 import urllib.error
@@ -16,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from pipeline import storage
 from pipeline.config import Config, MlflowConfig
 from pipeline.errors import PipelineError
 
@@ -27,6 +37,10 @@ MAX_PARAM_CHARS = 500  # MLflow's limit on a param value (6000 on new servers; 5
 RUN_ID_FILE = "run_id.txt"  # in pretrain.out_dir, beside encoder/: the run the evaluations log into
 MODEL_ALIAS = "candidate"  # the registry alias of the newest pretrained encoder (mlflow.register_model)
 ENCODER_KEY_TAG = "encoder_key"  # the run that groups the evaluations of an encoder not pretrained here
+UNSENT_FILE = "mlflow_unsent.jsonl"  # in the run's Ray storage folder: metric batches the server did not take
+# MLflow's REST client retries a refused connection 7 times with backoff: ~4 min per call. A worker that
+# logs every few steps must not stall that long, so it fails fast and retries on its own terms (RunLogger).
+QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def tracking_uri(cfg: MlflowConfig, root: Path | None = None) -> str:
@@ -37,7 +51,7 @@ def tracking_uri(cfg: MlflowConfig, root: Path | None = None) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
-def _check_reachable(uri: str) -> None:
+def _check_reachable(uri: str, hint: str = "start it or set mlflow.tracking_uri: null for the embedded store") -> None:
     """A server that does not answer fails here, in one line, before any training starts."""
     if not uri.startswith(("http://", "https://")):
         return
@@ -45,8 +59,36 @@ def _check_reachable(uri: str) -> None:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise PipelineError(f"MLflow server {uri} is unreachable ({reason}); start it or set "
-                            "mlflow.tracking_uri: null for the embedded store") from None
+        raise PipelineError(f"MLflow server {uri} is unreachable ({reason}); {hint}") from None
+
+
+@contextmanager
+def quick_http():
+    """MLflow's HTTP calls inside the block fail at once instead of retrying for minutes (`QUICK_HTTP`).
+
+    Process-wide while it lasts (MLflow reads these variables at each request): meant for a Ray worker's
+    whole life, or around single calls whose caller retries."""
+    saved = {k: os.environ.get(k) for k in QUICK_HTTP}
+    os.environ.update(QUICK_HTTP)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def server_needed(uri: str, hint: str):
+    """Calls that must reach the store (a stage's final logging): an unreachable server, or one that fails
+    on the way, is one PipelineError naming it, followed by `hint` (what the user does next)."""
+    _check_reachable(uri, hint)
+    try:
+        yield
+    except mlflow.exceptions.MlflowException as e:
+        raise PipelineError(f"MLflow store {uri} failed ({str(e).splitlines()[0][:200]}); {hint}") from None
 
 
 def connect(cfg: MlflowConfig, root: Path | None = None) -> str:
@@ -83,19 +125,40 @@ def flat_params(cfg: Config) -> dict[str, str]:
 
 
 @contextmanager
-def pipeline_run(cfg: Config, run_name: str, run_id: str | None = None, root: Path | None = None):
+def pipeline_run(cfg: Config, run_name: str, run_id: str | None = None, root: Path | None = None,
+                 driver_system_metrics: bool = True):
     """Open (or reopen, with `run_id`) the pipeline's MLflow run; tags it with git commit and params hash.
 
-    Yields the active `mlflow.ActiveRun`. System metrics follow `cfg.mlflow.system_metrics`.
+    Yields the active `mlflow.ActiveRun`. This process samples its machine's system metrics when
+    `cfg.mlflow.system_metrics` and `driver_system_metrics` (the pretrain stage passes False: its driver
+    waits while the Ray nodes sample themselves, `worker_tracking`).
     """
     exp_id = connect(cfg.mlflow, root)
-    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=run_name,
-                          log_system_metrics=cfg.mlflow.system_metrics) as run:
+    run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=run_name,
+                           log_system_metrics=cfg.mlflow.system_metrics and driver_system_metrics)
+    try:
         if run_id is None:
             mlflow.log_params(flat_params(cfg))
             mlflow.set_tags({"git_commit": git_commit(root), "params_hash": cfg.hash(),
                              "preset": cfg.preset})
         yield run
+    except BaseException:
+        # Marked FAILED if the store still answers; a server that went away leaves the run RUNNING rather than
+        # holding the error back for MLflow's minutes of retries (a rerun reopens the run by id).
+        if _is_active(run):
+            with quick_http():
+                try:
+                    mlflow.end_run("FAILED")
+                except mlflow.exceptions.MlflowException:
+                    pass
+        raise
+    if _is_active(run):
+        mlflow.end_run("FINISHED")
+
+
+def _is_active(run: mlflow.ActiveRun) -> bool:
+    active = mlflow.active_run()
+    return active is not None and active.info.run_id == run.info.run_id
 
 
 @contextmanager
@@ -204,25 +267,159 @@ class RunLogger:
     """Logs into an existing run by id from any process (a Ray worker), without an active run.
 
     `uri` is the absolute tracking URI of the driver (`tracking_uri(cfg, root)`): a worker's cwd may differ.
+    A batch the store does not take after `attempts` tries (a server gone, SQLite locked by the driver) is
+    kept in `unsent` (a `pipeline.storage` location; JSON lines of `run_id`, `step`, `timestamp`,
+    `metrics` or `tags`) and training goes on. The first such batch prints one warning line; after it the
+    logger stops waiting on the store: later batches go straight to the file, with one try at the store
+    every `recheck_s` seconds, and it sends again once that try succeeds. `replay_unsent` sends the file.
     """
 
-    def __init__(self, uri: str, run_id: str):
-        self.client, self.run_id = MlflowClient(uri), run_id
+    def __init__(self, uri: str, run_id: str, unsent: str | Path | None = None, attempts: int = 3,
+                 recheck_s: float = 60.0):
+        self.client, self.uri, self.run_id = MlflowClient(uri), uri, run_id
+        self.unsent = str(unsent) if unsent is not None else None
+        self.attempts, self.recheck_s = attempts, recheck_s
+        self.kept = 0  # batches in the unsent file from this logger
+        self._last_failure: float | None = None  # monotonic time of the last failed try; None: online
+        self._buffer: list[str] = []  # object-store file: its whole text, written again now and then
+        self._flushed = 0.0
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """One batch; a store that stays busy (SQLite locked by the driver) loses these metrics with a
-        warning rather than killing the training worker."""
-        ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        for attempt in range(3):
-            try:
-                self.client.log_batch(self.run_id, metrics=batch)
-                return
-            except mlflow.exceptions.MlflowException as e:
-                if attempt == 2:
-                    print(f"warning: MLflow metrics of step {step} not logged ({str(e).splitlines()[0]})", flush=True)
-                else:
-                    time.sleep(0.5)
+        """One batch of metrics at `step`."""
+        self._deliver({"step": int(step), "metrics": {k: float(v) for k, v in metrics.items()}})
 
     def tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+        self._deliver({"tags": {key: str(value)}})
+
+    def close(self) -> None:
+        """Writes out what an object-store unsent file still holds in memory."""
+        self._flush(force=True)
+
+    def _deliver(self, record: dict[str, Any]) -> None:
+        record = {"run_id": self.run_id, "timestamp": int(time.time() * 1000), **record}
+        offline = self._last_failure is not None
+        if offline and time.monotonic() - self._last_failure < self.recheck_s:
+            self._keep(record, None)
+            return
+        error = None
+        for attempt in range(1 if offline else self.attempts):
+            try:
+                with quick_http():
+                    _send(self.client, self.run_id, [record])
+                self._last_failure = None
+                return
+            except mlflow.exceptions.MlflowException as e:
+                error = e
+                if attempt + 1 < self.attempts:
+                    time.sleep(0.5 * 2 ** attempt)
+        self._last_failure = time.monotonic()
+        self._keep(record, error)
+
+    def _keep(self, record: dict[str, Any], error: Exception | None) -> None:
+        if self.unsent is None:
+            if self.kept == 0:
+                print(f"warning: MLflow store {self.uri} did not take the metrics from step {record.get('step')} "
+                      f"on; they are not logged ({_first_line(error)})", flush=True)
+            self.kept += 1
+            return
+        line = json.dumps(record) + "\n"
+        if storage.is_uri(self.unsent):
+            if not self._buffer:  # a file left by an earlier attempt of this run: keep its lines
+                self._buffer.append(storage.read_text(self.unsent) or "")
+            self._buffer.append(line)
+            self._flush(force=self.kept == 0)
+        else:
+            Path(self.unsent).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.unsent, "a") as f:
+                f.write(line)
+        if self.kept == 0:
+            print(f"warning: MLflow store {self.uri} did not take the metrics from step {record.get('step')} on "
+                  f"({_first_line(error)}); training goes on, unsent metrics kept in {self.unsent} (the pretrain "
+                  "stage sends them when it ends; or pipeline.tracking.replay_unsent)", flush=True)
+        self.kept += 1
+
+    def _flush(self, force: bool = False) -> None:
+        """An object can only be written whole: at most every 30 s, and on close."""
+        if self._buffer and (force or time.monotonic() - self._flushed > 30):
+            storage.write_text(self.unsent, "".join(self._buffer))
+            self._flushed = time.monotonic()
+
+
+def _first_line(error: Exception | None) -> str:
+    return str(error).splitlines()[0][:200] if error is not None else "no answer"
+
+
+def _send(client: MlflowClient, run_id: str, records: list[dict[str, Any]]) -> None:
+    """`records` (the unsent file's lines) into `run_id`, within MLflow's limits of a batch."""
+    metrics = [Metric(k, v, r["timestamp"], r["step"]) for r in records for k, v in r.get("metrics", {}).items()]
+    tags = [RunTag(k, v) for r in records for k, v in r.get("tags", {}).items()]
+    for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics and 100 tags a batch
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    for i in range(0, len(tags), 100):
+        client.log_batch(run_id, tags=tags[i:i + 100])
+
+
+def replay_unsent(location: str | Path, uri: str | None = None) -> int:
+    """Send what `RunLogger` kept in `location` (each line into the run it names) to the store at `uri`
+    (default: the current tracking URI), then delete the file; returns how many batches it held.
+
+    Safe to repeat after a failure part way: MLflow ignores a metric logged again with the same step,
+    timestamp and value.
+    """
+    location = str(location)
+    text = storage.read_text(location)
+    if text is None:
+        return 0
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    client = MlflowClient(uri) if uri else MlflowClient()
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_run.setdefault(r["run_id"], []).append(r)
+    for run_id, rs in by_run.items():
+        _send(client, run_id, rs)
+    storage.delete(location)
+    return len(records)
+
+
+def count_unsent(location: str | Path) -> int:
+    """How many batches wait in an unsent file (0 when there is none)."""
+    text = storage.read_text(str(location))
+    return sum(1 for line in (text or "").splitlines() if line.strip())
+
+
+@contextmanager
+def worker_tracking(uri: str | None, run_id: str | None, *, rank: int, node_rank: int, local_rank: int,
+                    system_metrics: bool, unsent: str | Path | None = None):
+    """What one Ray worker logs during training; yields rank 0's `RunLogger` (None on the other ranks).
+
+    The first worker on each node samples that node's system metrics into the run as
+    `system/node<node_rank>/...` (MLflow's node id), and tags the run `system_metrics.node<k>` with the
+    host name. HTTP calls fail fast in the worker (`quick_http`), so a server that goes away costs the
+    training a few seconds once, not minutes a step; the node's sampling then stops, quietly.
+    """
+    if not run_id or not uri:
+        yield None
+        return
+    with quick_http():
+        tracker = RunLogger(uri, run_id, unsent) if rank == 0 else None
+        monitor = None
+        if system_metrics and local_rank == 0:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            node = f"node{node_rank}"
+            # Its messages (started, stopped, "failed to log" once the store is gone) would repeat on every
+            # node what rank 0's one warning line says.
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.CRITICAL)
+            try:
+                MlflowClient(uri).set_tag(run_id, f"system_metrics.{node}", socket.gethostname())
+                monitor = SystemMetricsMonitor(run_id, node_id=node, resume_logging=True, tracking_uri=uri)
+                monitor.start()
+            except mlflow.exceptions.MlflowException:
+                monitor = None  # the store is down already: rank 0's logger says so
+        try:
+            yield tracker
+        finally:
+            if monitor is not None:
+                monitor.finish()
+            if tracker is not None:
+                tracker.close()

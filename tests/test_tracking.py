@@ -1,4 +1,8 @@
-"""MLflow tracking against an embedded SQLite store in tmp_path."""
+"""MLflow tracking against an embedded SQLite store in tmp_path; a server gone mid-run (unsent metrics kept)."""
+
+import json
+import socket
+import time
 
 import mlflow
 import pytest
@@ -59,3 +63,52 @@ def test_unreachable_server_is_one_line_error(tiny_cfg):
 def test_missing_run_id_file(tmp_path):
     with pytest.raises(PipelineError, match="run the pretrain stage first"):
         tracking.read_run_id(tmp_path / "nope.txt")
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_run_logger_keeps_what_a_gone_server_did_not_take_and_replay_sends_it(tiny_cfg, tmp_path, capsys):
+    cfg = tiny_cfg.replace(**{"mlflow.system_metrics": False})
+    with tracking.pipeline_run(cfg, "pretrain", root=tmp_path) as run:
+        pass
+    run_id, unsent = run.info.run_id, tmp_path / "ray_results" / "x" / tracking.UNSENT_FILE
+    logger = tracking.RunLogger(f"http://127.0.0.1:{_dead_port()}", run_id, unsent, recheck_s=3600)
+    t0 = time.monotonic()
+    for step in range(1, 21):
+        logger.log({"loss": 1.0 / step, "lr": 1e-3}, step)
+    logger.tag("collapse", "step 7")
+    logger.close()
+    assert time.monotonic() - t0 < 15  # one round of retries, then straight to the file: training is not held up
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "from step 1 on" in warnings[0] and str(unsent) in warnings[0]
+    lines = [json.loads(line) for line in unsent.read_text().splitlines()]
+    assert [r["step"] for r in lines[:-1]] == list(range(1, 21)) and lines[-1]["tags"] == {"collapse": "step 7"}
+    assert {r["run_id"] for r in lines} == {run_id} and tracking.count_unsent(unsent) == 21
+
+    uri = tracking.tracking_uri(cfg.mlflow, tmp_path)
+    assert tracking.replay_unsent(unsent, uri) == 21 and not unsent.exists()
+    assert tracking.replay_unsent(unsent, uri) == 0  # nothing left: a second call is a no-op
+    client = mlflow.MlflowClient(uri)
+    history = client.get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(s, 1.0 / s) for s in range(1, 21)]
+    assert client.get_run(run_id).data.tags["collapse"] == "step 7"
+
+
+def test_run_logger_sends_again_once_the_store_answers(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.replace(**{"mlflow.system_metrics": False})
+    with tracking.pipeline_run(cfg, "pretrain", root=tmp_path) as run:
+        pass
+    logger = tracking.RunLogger(tracking.tracking_uri(cfg.mlflow, tmp_path), run.info.run_id, tmp_path / "u.jsonl",
+                                recheck_s=0.0)
+    good = logger.client
+    logger.client = mlflow.MlflowClient(f"http://127.0.0.1:{_dead_port()}")  # the server away for steps 1-2
+    logger.log({"loss": 1.0}, 1)
+    logger.log({"loss": 0.5}, 2)
+    logger.client = good
+    logger.log({"loss": 0.25}, 3)
+    assert [json.loads(line)["step"] for line in (tmp_path / "u.jsonl").read_text().splitlines()] == [1, 2]
+    assert [m.step for m in good.get_metric_history(run.info.run_id, "loss")] == [3]
