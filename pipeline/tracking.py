@@ -318,8 +318,8 @@ class RunLogger:
     def _keep(self, record: dict[str, Any], error: Exception | None) -> None:
         if self.unsent is None:
             if self.kept == 0:
-                print(f"warning: MLflow store {self.uri} did not take the metrics from step {record.get('step')} "
-                      f"on; they are not logged ({_first_line(error)})", flush=True)
+                print(f"warning: MLflow store {self.uri} did not take the metrics{_from_step(record)}; they are "
+                      f"not logged ({_first_line(error)})", flush=True)
             self.kept += 1
             return
         line = json.dumps(record) + "\n"
@@ -333,7 +333,7 @@ class RunLogger:
             with open(self.unsent, "a") as f:
                 f.write(line)
         if self.kept == 0:
-            print(f"warning: MLflow store {self.uri} did not take the metrics from step {record.get('step')} on "
+            print(f"warning: MLflow store {self.uri} did not take the metrics{_from_step(record)} "
                   f"({_first_line(error)}); training goes on, unsent metrics kept in {self.unsent} (the pretrain "
                   "stage sends them when it ends; or pipeline.tracking.replay_unsent)", flush=True)
         self.kept += 1
@@ -343,6 +343,10 @@ class RunLogger:
         if self._buffer and (force or time.monotonic() - self._flushed > 30):
             storage.write_text(self.unsent, "".join(self._buffer))
             self._flushed = time.monotonic()
+
+
+def _from_step(record: dict[str, Any]) -> str:
+    return f" from step {record['step']} on" if "step" in record else ""
 
 
 def _first_line(error: Exception | None) -> str:

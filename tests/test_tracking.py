@@ -112,3 +112,20 @@ def test_run_logger_sends_again_once_the_store_answers(tiny_cfg, tmp_path):
     logger.log({"loss": 0.25}, 3)
     assert [json.loads(line)["step"] for line in (tmp_path / "u.jsonl").read_text().splitlines()] == [1, 2]
     assert [m.step for m in good.get_metric_history(run.info.run_id, "loss")] == [3]
+
+
+def test_unsent_file_on_an_object_store(tiny_cfg, tmp_path, s3_bucket):
+    """Ray storage on S3: the file is written whole (first at once, then at most every 30 s, and on close)."""
+    cfg = tiny_cfg.replace(**{"mlflow.system_metrics": False})
+    with tracking.pipeline_run(cfg, "pretrain", root=tmp_path) as run:
+        pass
+    unsent = f"{s3_bucket}/ray_results/pretrain-x/{tracking.UNSENT_FILE}"
+    logger = tracking.RunLogger(f"http://127.0.0.1:{_dead_port()}", run.info.run_id, unsent, recheck_s=3600)
+    for step in range(1, 6):
+        logger.log({"loss": float(step)}, step)
+    assert tracking.count_unsent(unsent) == 1  # the first batch at once, the rest within 30 s
+    logger.close()
+    assert tracking.count_unsent(unsent) == 5
+    uri = tracking.tracking_uri(cfg.mlflow, tmp_path)
+    assert tracking.replay_unsent(unsent, uri) == 5 and tracking.count_unsent(unsent) == 0
+    assert [m.step for m in mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5]
