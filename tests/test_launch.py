@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -201,7 +202,9 @@ def test_two_node_cluster_spreads_the_workers(tiny_cfg, tmp_path, monkeypatch):
     RAY.shutdown()
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # what launch.init_ray sets for a driver joining a cluster
     port = 26379
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # Each node's first worker samples its system metrics; every second here (a short run), set before the
+    # nodes start since their workers inherit the nodes' environment.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
     ray_bin = str(Path(sys.executable).with_name("ray"))
     head = subprocess.Popen([ray_bin, "start", "--head", "--num-cpus=1", f"--port={port}",
                              "--include-dashboard=false", "--block"], env=env)
@@ -211,14 +214,20 @@ def test_two_node_cluster_spreads_the_workers(tiny_cfg, tmp_path, monkeypatch):
         up = lambda: subprocess.run([ray_bin, "status", f"--address=127.0.0.1:{port}"], env=env,  # noqa: E731
                                     capture_output=True).returncode == 0
         assert wait_for(up, timeout=180, every=3), "the head node did not come up"
+        # Its own IP (127.0.0.2, loopback too) makes it another machine to Ray Train: node rank 1, not a
+        # second local rank of node 0.
         nodes.append(subprocess.Popen([ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
-                                       "--block"], env=env))
-        cfg = tiny(tiny_cfg, **{"ray.address": f"127.0.0.1:{port}"})
+                                       "--node-ip-address=127.0.0.2", "--block"], env=env))
+        cfg = tiny(tiny_cfg, **{"ray.address": f"127.0.0.1:{port}", "mlflow.system_metrics": True})
         launch.init_ray(cfg.ray)
         assert wait_for(lambda: sum(n["Alive"] for n in RAY.nodes()) == 2, timeout=120)
         # Two workers of one CPU each on two one-CPU nodes: one worker per node.
         metrics = launch.pretrain(cfg, tmp_path, dataset_fn=images())
-        check_outputs(cfg, tmp_path, metrics, steps=12)
+        run_id = check_outputs(cfg, tmp_path, metrics, steps=12)
+        # System metrics per node, under MLflow's node id (the driver samples nothing of its own).
+        run = mlflow.get_run(run_id)
+        assert {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")} == {"node0", "node1"}
+        assert {run.data.tags.get(f"system_metrics.node{k}") for k in (0, 1)} == {socket.gethostname()}
     finally:
         RAY.shutdown()
         for p in reversed(nodes):
