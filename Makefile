@@ -6,7 +6,7 @@ BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install repro sweep test test-all lint bench ui
+.PHONY: install repro sweep test test-slow test-all lint bench ui
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ sweep: $(STAMP)  ## the masking ablations on Ray Tune (tune: section of params.y
 test: $(STAMP)  ## the default test suite (exit 5, "no tests collected", counts as a failure)
 	$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-slow: $(STAMP)  ## only the tests marked slow: fault injection (worker / driver kill, NaN stop, 2 nodes), S3, sweeps
+	$(BIN)/python -m pytest -m slow
 
 test-all: $(STAMP)  ## every test, the slow ones included
 	$(BIN)/python -m pytest -m ''
