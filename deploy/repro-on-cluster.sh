@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The pipeline on the Ray cluster this runs in (the entry point of deploy/rayjob.yaml, and of
 # `ray job submit ... -- bash /app/deploy/repro-on-cluster.sh` on a `ray up` cluster): `dvc exp run` of
-# every stage with preset paper, the training on the cluster's A100 workers, checkpoints on shared storage.
+# the pipeline with preset paper, the training on the cluster's A100 workers, checkpoints on shared storage.
 #
 #   IJEPA_STORAGE        s3://bucket/prefix that every node reads and writes (required)
 #   IJEPA_WORKERS        Ray Train workers, one GPU each (default 16: two 8-GPU nodes)
 #   MLFLOW_TRACKING_URI  the MLflow server (default: params.yaml's mlflow.tracking_uri)
+#   IJEPA_TARGETS        the stages to reproduce (default "report pictures", as `make repro`; add "sweep")
 # Further `-S key=value` arguments are passed on, e.g. the data: -S data.source=real -S data.imagenet_root=...
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,4 +17,5 @@ args=(-S preset=paper -S ray.address=auto -S ray.use_gpu=true -S "ray.num_worker
 if [[ -n "${MLFLOW_TRACKING_URI:-}" ]]; then
   args+=(-S "mlflow.tracking_uri=${MLFLOW_TRACKING_URI}")
 fi
-exec dvc exp run "${args[@]}" "$@"
+read -r -a targets <<< "${IJEPA_TARGETS:-report pictures}"
+exec dvc exp run "${targets[@]}" "${args[@]}" "$@"

@@ -93,3 +93,18 @@ def test_entry_point_sets_params_the_pipeline_accepts():
     cfg = from_dict(raw)  # a bad key or value would raise ConfigError here
     assert cfg.model.name == "vit_huge" and cfg.ray.num_workers == 16 and cfg.ray.use_gpu
     assert cfg.ray.address == "auto" and cfg.ray.storage_path == "s3://bucket/prefix/ray_results"
+
+
+def test_entry_point_runs_dvc_exp_run_with_them(tmp_path):
+    """The script itself, with `dvc` replaced by a stand-in that prints what it was given."""
+    (tmp_path / "dvc").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    (tmp_path / "dvc").chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "IJEPA_STORAGE": "s3://b/p"}
+    out = subprocess.run(["bash", str(DEPLOY / "repro-on-cluster.sh"), "-S", "data.source=real"], env=env,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[:3] == ["exp", "run", "report"] and out[3] == "pictures"  # as `make repro`
+    assert "ray.storage_path=s3://b/p/ray_results" in out and out[-2:] == ["-S", "data.source=real"]
+    assert not any(a.startswith("mlflow.tracking_uri") for a in out)  # only when MLFLOW_TRACKING_URI is set
+    missing = subprocess.run(["bash", str(DEPLOY / "repro-on-cluster.sh")], env={"PATH": env["PATH"]},
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "IJEPA_STORAGE" in missing.stderr
