@@ -15,6 +15,23 @@ from pipeline.config import Config, load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 300.0, every: float = 0.2) -> bool:
+    """Poll `predicate()` until it is true (True) or `timeout` seconds pass (False)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False
+
+
 @pytest.fixture
 def demo_cfg() -> Config:
     """The committed params.yaml (preset demo)."""
@@ -63,9 +80,7 @@ def eval_data(tmp_path_factory) -> Path:
 def s3_endpoint(tmp_path_factory) -> str:
     """`http://127.0.0.1:<port>` of a moto S3 server started for the session (skipped without moto[server])."""
     pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install 'moto[server]')")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
     proc = subprocess.Popen([sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1",
                              "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import mlflow
@@ -18,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import wait_for
 
 from pipeline import launch, tracking
 from pipeline.errors import PipelineError
@@ -41,15 +41,6 @@ def tiny(cfg, **over):
 
 def images(n=96):
     return functools.partial(RandomImages, n, 32)
-
-
-def wait_for(predicate, timeout=300.0, every=0.2):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if predicate():
-            return True
-        time.sleep(every)
-    return False
 
 
 def checkpoints(cfg):

@@ -1,11 +1,11 @@
 """MLflow tracking against an embedded SQLite store in tmp_path; a server gone mid-run (unsent metrics kept)."""
 
 import json
-import socket
 import time
 
 import mlflow
 import pytest
+from conftest import free_port
 
 from pipeline import tracking
 from pipeline.errors import PipelineError
@@ -65,18 +65,12 @@ def test_missing_run_id_file(tmp_path):
         tracking.read_run_id(tmp_path / "nope.txt")
 
 
-def _dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_run_logger_keeps_what_a_gone_server_did_not_take_and_replay_sends_it(tiny_cfg, tmp_path, capsys):
     cfg = tiny_cfg.replace(**{"mlflow.system_metrics": False})
     with tracking.pipeline_run(cfg, "pretrain", root=tmp_path) as run:
         pass
     run_id, unsent = run.info.run_id, tmp_path / "ray_results" / "x" / tracking.UNSENT_FILE
-    logger = tracking.RunLogger(f"http://127.0.0.1:{_dead_port()}", run_id, unsent, recheck_s=3600)
+    logger = tracking.RunLogger(f"http://127.0.0.1:{free_port()}", run_id, unsent, recheck_s=3600)
     t0 = time.monotonic()
     for step in range(1, 21):
         logger.log({"loss": 1.0 / step, "lr": 1e-3}, step)
@@ -105,7 +99,7 @@ def test_run_logger_sends_again_once_the_store_answers(tiny_cfg, tmp_path):
     logger = tracking.RunLogger(tracking.tracking_uri(cfg.mlflow, tmp_path), run.info.run_id, tmp_path / "u.jsonl",
                                 recheck_s=0.0)
     good = logger.client
-    logger.client = mlflow.MlflowClient(f"http://127.0.0.1:{_dead_port()}")  # the server away for steps 1-2
+    logger.client = mlflow.MlflowClient(f"http://127.0.0.1:{free_port()}")  # the server away for steps 1-2
     logger.log({"loss": 1.0}, 1)
     logger.log({"loss": 0.5}, 2)
     logger.client = good
@@ -120,7 +114,7 @@ def test_unsent_file_on_an_object_store(tiny_cfg, tmp_path, s3_bucket):
     with tracking.pipeline_run(cfg, "pretrain", root=tmp_path) as run:
         pass
     unsent = f"{s3_bucket}/ray_results/pretrain-x/{tracking.UNSENT_FILE}"
-    logger = tracking.RunLogger(f"http://127.0.0.1:{_dead_port()}", run.info.run_id, unsent, recheck_s=3600)
+    logger = tracking.RunLogger(f"http://127.0.0.1:{free_port()}", run.info.run_id, unsent, recheck_s=3600)
     for step in range(1, 6):
         logger.log({"loss": float(step)}, step)
     assert tracking.count_unsent(unsent) == 1  # the first batch at once, the rest within 30 s

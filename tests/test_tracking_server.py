@@ -29,6 +29,7 @@ import mlflow.pytorch
 import pytest
 import torch
 import yaml
+from conftest import free_port, wait_for
 from mlflow.tracking import MlflowClient
 
 from evals import linear
@@ -45,21 +46,6 @@ BUCKET = "mlflow"
 KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 FAST = {"eval_linear.epochs": 3, "eval_linear.attentive_epochs": 2, "eval_linear.lrs": [0.01],
         "eval_linear.weight_decays": [0.0], "data.num_workers": 0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout=120.0, every=0.2) -> bool:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if predicate():
-            return True
-        time.sleep(every)
-    return False
 
 
 @pytest.fixture(scope="module", autouse=True)
