@@ -37,6 +37,7 @@ import pandas as pd
 from evals import attentive, common, knn
 from evals.depth import LOWER_IS_BETTER
 from evals.features import VIEWS
+from pipeline.atomic import atomic_write, atomic_write_text
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 
@@ -146,19 +147,14 @@ def write_report(table: pd.DataFrame, out_dir: Path, diagnostics: pd.DataFrame |
     evals.png under out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv, md = out_dir / "evals.csv", out_dir / "evals.md"
-    tmp = out_dir / ".evals.csv.tmp"
-    table.to_csv(tmp, float_format="%.6g")
-    tmp.replace(csv)
-    tmp = out_dir / ".evals.md.tmp"
-    tmp.write_text("# Downstream evaluations: I-JEPA vs random init\n\nmargin > 0: pretraining helped "
-                   "(errors: random - I-JEPA). Accuracies in %, rmse in metres. p: paired test of the margin on "
-                   "the same val images (McNemar for top-1, sign test for AbsRel); p > 0.05: within noise. baseline: "
-                   "the same probe on 16x16 downscaled pixels (classification), the train-mean depth map (depth). "
-                   "top1/top5: linear probe; attentive_*: attentive probe on the last layer's patch tokens; knn_*: "
-                   "cosine k-NN on the pooled features."
-                   "\n\n"
-                   + to_markdown(table) + _diagnostics_markdown(diagnostics))
-    tmp.replace(md)
+    atomic_write(csv, lambda tmp: table.to_csv(tmp, float_format="%.6g"))
+    intro = ("# Downstream evaluations: I-JEPA vs random init\n\nmargin > 0: pretraining helped "
+             "(errors: random - I-JEPA). Accuracies in %, rmse in metres. p: paired test of the margin on "
+             "the same val images (McNemar for top-1, sign test for AbsRel); p > 0.05: within noise. baseline: "
+             "the same probe on 16x16 downscaled pixels (classification), the train-mean depth map (depth). "
+             "top1/top5: linear probe; attentive_*: attentive probe on the last layer's patch tokens; knn_*: "
+             "cosine k-NN on the pooled features.\n\n")
+    atomic_write_text(md, intro + to_markdown(table) + _diagnostics_markdown(diagnostics))
     written = [csv, md]
     try:
         from pipeline.viz import table_image

@@ -27,7 +27,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """`write(tmp)` fills a temporary sibling of `path`, which then replaces `path`; returns `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    # The temporary keeps the suffix: writers that infer the format from it (savefig, to_csv) work.
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:

@@ -53,6 +53,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from pipeline import storage, tracking
+from pipeline.atomic import atomic_write, atomic_write_text
 from pipeline.config import Config, RayConfig
 from pipeline.diagnostics import DIAG_COLUMNS
 from pipeline.errors import PipelineError
@@ -284,11 +285,8 @@ def _write_outputs(cfg: Config, root: Path, out_dir: Path, checkpoint: str, run_
                "num_workers": cfg.ray.num_workers, "resumed_from_step": int(summary.get("resumed_from", 0)),
                "retrained": bool(summary["retrained"]), "ray_run_name": name, "mlflow_run_id": run_id}
     csv_path, json_path = root / CURVE_CSV, root / METRICS_JSON
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    history.to_csv(csv_path.with_suffix(".tmp"), index=False)
-    csv_path.with_suffix(".tmp").replace(csv_path)
-    json_path.with_suffix(".tmp").write_text(json.dumps(metrics, indent=2) + "\n")
-    json_path.with_suffix(".tmp").replace(json_path)
+    atomic_write(csv_path, lambda tmp: history.to_csv(tmp, index=False))
+    atomic_write_text(json_path, json.dumps(metrics, indent=2) + "\n")
 
     png = _curves_png(cfg, history, root / CURVES_PNG)
     # The local outputs are written; a server gone now fails the stage, and a rerun (not retraining) logs again.

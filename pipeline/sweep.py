@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import Dataset
 
+from pipeline.atomic import atomic_write
 from pipeline.config import Config, TuneConfig
 from pipeline.errors import PipelineError
 from pipeline.metrics import rankme
@@ -221,22 +220,6 @@ def markdown(df: pd.DataFrame, title: str) -> str:
     return f"# {title}\n\n{header}{body}"
 
 
-def _atomic(path: Path, write: Callable[[Path], Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def score_plot(df: pd.DataFrame, path: str | Path) -> Path:
     """Two panels, probe top-1 vs target block scale and vs context block scale (range midpoints, one
     colour per strategy, hollow markers for trials stopped early)."""
@@ -263,7 +246,7 @@ def score_plot(df: pd.DataFrame, path: str | Path) -> Path:
     axes[1].legend(unique.values(), unique.keys(), fontsize=8, loc="best")
     fig.suptitle("I-JEPA masking sweep: label-efficient score per trial", fontsize=10)
     fig.subplots_adjust(bottom=0.25, wspace=0.05)
-    return _atomic(Path(path), lambda p: fig.savefig(p, dpi=110))
+    return atomic_write(Path(path), lambda p: fig.savefig(p, dpi=110))
 
 
 def best_trial(df: pd.DataFrame) -> dict[str, Any]:
@@ -285,12 +268,12 @@ def write_outputs(cfg: Config, root: Path, trials: Sequence[dict[str, Any]], gri
     df = results_table(trials, cfg.tune.epochs)
     title = f"I-JEPA masking sweep ({len(df)} trials, {cfg.tune.epochs} epochs each, {cfg.model.name}/" \
             f"{cfg.model.patch_size} at {cfg.data.image_size} px, search {cfg.tune.search})"
-    csv = _atomic(root / CSV, lambda p: df.to_csv(p, index=False))
-    md = _atomic(root / MARKDOWN, lambda p: p.write_text(markdown(df, title)))
+    csv = atomic_write(root / CSV, lambda p: df.to_csv(p, index=False))
+    md = atomic_write(root / MARKDOWN, lambda p: p.write_text(markdown(df, title)))
     png = score_plot(df, root / PLOT)
     masks = mask_strategies_figure(cfg.mask, grid, root / MASKS)
     summary = best_trial(df)
-    js = _atomic(root / METRICS_JSON, lambda p: p.write_text(json.dumps(summary, indent=2, default=str) + "\n"))
+    js = atomic_write(root / METRICS_JSON, lambda p: p.write_text(json.dumps(summary, indent=2, default=str) + "\n"))
     return {"table": df, "summary": summary, "files": [csv, md, png, masks, js]}
 
 

@@ -29,6 +29,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline import storage
+from pipeline.atomic import atomic_write_text
 from pipeline.config import Config, MlflowConfig
 from pipeline.errors import PipelineError
 
@@ -233,11 +234,7 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
 
 def write_run_id(run_id: str, path: str | Path) -> None:
     """The run id for later stages, written atomically (a dvc-declared out)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(run_id + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, run_id + "\n")
 
 
 def read_run_id(path: str | Path) -> str:

@@ -13,7 +13,6 @@ as uint8 (B, H, W, 3) (what the data renders); see `to_display`.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from torch import Tensor
 
+from pipeline.atomic import atomic_write
 from pipeline.config import MASK_STRATEGIES, MaskConfig
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import PipelineError
@@ -49,15 +49,7 @@ def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise PipelineError(f"picture path {path} must end in .png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
 
 
 def _numpy(x: Tensor | np.ndarray) -> np.ndarray:

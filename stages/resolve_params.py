@@ -6,6 +6,7 @@ Out: reports/params.resolved.json, what every later stage will actually use, wit
 import json
 from pathlib import Path
 
+from pipeline.atomic import atomic_write_text
 from pipeline.cli import run_stage
 from pipeline.config import Config
 
@@ -13,10 +14,8 @@ OUT = Path("reports/params.resolved.json")
 
 
 def main(cfg: Config) -> None:
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"hash": cfg.hash(), "config": cfg.to_dict()}, indent=2, default=list) + "\n")
-    tmp.replace(OUT)  # atomic: never a half-written file where dvc expects a finished one
+    # atomic: never a half-written file where dvc expects a finished one
+    atomic_write_text(OUT, json.dumps({"hash": cfg.hash(), "config": cfg.to_dict()}, indent=2, default=list) + "\n")
     print(f"params ok (preset {cfg.preset}, hash {cfg.hash()}) -> {OUT}")
 
 

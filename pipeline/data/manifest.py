@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.atomic import atomic_write_json
 from pipeline.config import DataConfig
 from pipeline.data.clevr import SPLITS as CLEVR_SPLITS
 from pipeline.data.clevr import ClevrDataset, scenes_file
@@ -150,7 +151,4 @@ def validate_real(data: DataConfig, root: Path | None = None) -> dict:
 
 def write_manifest(manifest: dict, path: Path) -> None:
     """Write `manifest` as JSON atomically (a temporary file renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, manifest)
