@@ -19,7 +19,6 @@ Accuracies are in %, depth errors in metres (rmse) or unitless (abs_rel, log10, 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,12 +103,12 @@ def parent_run(cfg: Config, root: Path, source: Path) -> str:
     """The MLflow run the evaluations of `source` log into: the pretrain run that made it (named in its
     model.json, or the run_id.txt beside it) when this store knows that run, else a run of its own."""
     from pipeline import tracking
-    from pipeline.models.io import META
+    from pipeline.models.io import META, encoder_meta
 
     tracking.connect(cfg.mlflow, root)
     run_id = None
     if (source / META).is_file():
-        run_id = json.loads((source / META).read_text()).get("mlflow_run_id")
+        run_id = encoder_meta(source).get("mlflow_run_id")
         if run_id is None and (source.parent / tracking.RUN_ID_FILE).is_file():
             run_id = tracking.read_run_id(source.parent / tracking.RUN_ID_FILE)
     if run_id is not None and tracking.run_status(str(run_id)) is not None:
@@ -147,7 +146,7 @@ def prefetch(ctx: EvalContext, datasets: list[Dataset], cfg: ProbeConfig, *, tok
     `tokens` (patch tokens of both encoders) is checked against the attentive probe's token budget first.
     """
     from evals.attentive import check_token_budget
-    from evals.features import extract_jobs
+    from evals.features import extract_jobs, weights_hash
 
     kinds = (("pooled",) if pooled else ()) + (("tokens",) if tokens else ())
     if tokens:
@@ -155,9 +154,10 @@ def prefetch(ctx: EvalContext, datasets: list[Dataset], cfg: ProbeConfig, *, tok
         check_token_budget(sum(len(ds) for ds in datasets), enc.num_patches, enc.embed_dim)
     jobs = {**{n: (e, kinds) for n, e in ctx.encoders.items()},
             **{n: (m, ("pooled",)) for n, m in (baselines or {}).items()}}
+    hashes = {n: weights_hash(m) for n, (m, _) in jobs.items()}  # once, not once per dataset (ViT-H: seconds)
     for i, ds in enumerate(datasets):
         extract_jobs(jobs, ds, batch_size=cfg.batch_size, cache_dir=ctx.cache_dir, num_workers=num_workers,
-                     desc=f"features {i + 1}/{len(datasets)}")
+                     desc=f"features {i + 1}/{len(datasets)}", encoder_hashes=hashes)
 
 
 def whole_split_tokens(cfg: ClassifierProbeConfig) -> bool:

@@ -98,6 +98,11 @@ def _save_atomic(obj: Any, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def _keys(kind: Kind) -> tuple[str, ...]:
+    """The feature entries of a kind (besides "y")."""
+    return ("tokens",) if kind == "tokens" else VIEWS
+
+
 @torch.no_grad()
 def _run(jobs: dict[str, tuple[nn.Module, tuple[Kind, ...]]], ds: Dataset, batch_size: int, num_workers: int,
          desc: str) -> dict[str, dict[Kind, dict[str, Tensor]]]:
@@ -111,7 +116,7 @@ def _run(jobs: dict[str, tuple[nn.Module, tuple[Kind, ...]]], ds: Dataset, batch
     pin = any(d.type == "cuda" for d in devices.values())
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin)
     out: dict[str, dict[str, list[Tensor]]] = {
-        n: {k: [] for kind in kinds for k in (("tokens",) if kind == "tokens" else VIEWS)}
+        n: {k: [] for kind in kinds for k in _keys(kind)}
         for n, (_, kinds) in jobs.items()}
     ys: list[Tensor] = []
     for x, y in progress(loader, desc=desc, total=len(loader)):
@@ -136,7 +141,7 @@ def _run(jobs: dict[str, tuple[nn.Module, tuple[Kind, ...]]], ds: Dataset, batch
     result: dict[str, dict[Kind, dict[str, Tensor]]] = {}
     for name, (_, kinds) in jobs.items():
         feats = {k: torch.cat(v) for k, v in out[name].items()}
-        result[name] = {kind: {**{k: feats[k] for k in (("tokens",) if kind == "tokens" else VIEWS)}, "y": y_all}
+        result[name] = {kind: {**{k: feats[k] for k in _keys(kind)}, "y": y_all}
                         for kind in kinds}
     return result
 

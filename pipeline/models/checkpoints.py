@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from pipeline.config import ENCODER_PRESETS, PATCH_SIZES, ModelConfig
 from pipeline.errors import PipelineError
 from pipeline.models.encoder import Encoder, build_encoder, check_state_dict
+from pipeline.models.io import META, WEIGHTS, encoder_meta
 
 FORMATS = ("pipeline", "official", "timm", "hf")
 WHICH = ("target_encoder", "encoder")  # official files also hold "predictor": not an encoder
@@ -98,11 +99,11 @@ class Architecture:
 def detect_format(path: Path) -> str:
     """One of FORMATS from what lies at `path`; PipelineError when it is none of them."""
     if path.is_dir():
-        if (path / "model.json").is_file() and (path / "weights.pt").is_file():
+        if (path / META).is_file() and (path / WEIGHTS).is_file():
             return "pipeline"
         if (path / "config.json").is_file() and any((path / w).is_file() for w in HF_WEIGHTS):
             return "hf"
-        raise PipelineError(f"{path}: a folder of no known encoder format; expected model.json + weights.pt "
+        raise PipelineError(f"{path}: a folder of no known encoder format; expected {META} + {WEIGHTS} "
                             f"(this pipeline) or config.json + one of {list(HF_WEIGHTS)} (Hugging Face)")
     if not path.is_file():
         raise PipelineError(f"{path}: no such file or folder")
@@ -159,9 +160,9 @@ def read_state_dict(path: Path, which: str = "target_encoder") -> tuple[dict[str
         if which != "target_encoder":
             raise PipelineError(f"{path}: this pipeline saves the target encoder only; evaluate.which = "
                                 f"{which!r} is not in it (expected 'target_encoder')")
-        sd = _torch_load(path / "weights.pt")
+        sd = _torch_load(path / WEIGHTS)
         if not _is_state_dict(sd):
-            raise PipelineError(f"{path / 'weights.pt'}: not a state dict of tensors")
+            raise PipelineError(f"{path / WEIGHTS}: not a state dict of tensors")
         return sd, {"format": fmt, "which": which}
     if fmt == "hf":
         return _read_hf(path)
@@ -327,11 +328,11 @@ def load_any_encoder(path: str | Path, which: str = "target_encoder") -> tuple[E
                             "image_size": arch.image_size}
     if info["format"] == "pipeline":
         try:
-            meta = json.loads((path / "model.json").read_text())
+            meta = encoder_meta(path)
         except (OSError, ValueError) as e:
-            raise PipelineError(f"{path / 'model.json'}: not readable JSON ({type(e).__name__})") from None
+            raise PipelineError(f"{path / META}: not readable JSON ({type(e).__name__})") from None
         said = (meta.get("model", {}).get("name"), meta.get("model", {}).get("patch_size"), meta.get("image_size"))
         if said != (model.name, model.patch_size, arch.image_size):
-            raise PipelineError(f"{path / 'model.json'} describes {said} but weights.pt holds "
+            raise PipelineError(f"{path / META} describes {said} but {WEIGHTS} holds "
                                 f"{(model.name, model.patch_size, arch.image_size)}")
     return encoder, {**meta, "format": info["format"], "which": info["which"]}
