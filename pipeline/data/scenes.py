@@ -77,8 +77,8 @@ class Scene:
 
 
 # ---------------------------------------------------------------- primitives (local frame, y up)
-def _prism_planes(n: int, r: float, y0: float, y1: float, rot: float = 0.0):
-    th = rot + 2 * np.pi * np.arange(n) / n
+def _prism_planes(n: int, r: float, y0: float, y1: float):
+    th = 2 * np.pi * np.arange(n) / n
     nrm = np.stack([np.cos(th), np.zeros(n), np.sin(th)], 1)
     d = np.full(n, r)
     nrm = np.concatenate([nrm, [[0, 1, 0], [0, -1, 0]]])
@@ -86,8 +86,8 @@ def _prism_planes(n: int, r: float, y0: float, y1: float, rot: float = 0.0):
     return nrm, d
 
 
-def _pyramid_planes(n: int, a: float, h: float, rot: float = 0.0):
-    th = rot + 2 * np.pi * np.arange(n) / n
+def _pyramid_planes(n: int, a: float, h: float):
+    th = 2 * np.pi * np.arange(n) / n
     nrm = np.stack([h * np.cos(th), np.full(n, a), h * np.sin(th)], 1)
     ln = _norm(nrm)
     nrm = nrm / ln[:, None]
@@ -101,7 +101,7 @@ def _make_parts(shape: str, s: float):
         return [("sphere", np.array([0, s, 0.0]), s)], np.array([0, s, 0.0]), s
     if shape == "cube":
         a = 0.85 * s
-        n, d = _prism_planes(4, a, 0, 2 * a, np.pi / 4 * 0)
+        n, d = _prism_planes(4, a, 0, 2 * a)
         return [("planes", n, d)], np.array([0, a, 0.0]), a * 1.8
     if shape == "cylinder":
         n, d = _prism_planes(16, 0.8 * s, 0, 2.0 * s)
@@ -208,7 +208,7 @@ def _texture(kind, lp, scale, rng_phase):
     return np.where(q % 2 == 0, 1.0, 0.55)
 
 
-def _camera(rng, image_size):
+def _camera(rng):
     h = rng.uniform(1.6, 2.6)
     pitch = np.deg2rad(rng.uniform(14, 24))
     yaw = np.deg2rad(rng.uniform(-8, 8))
@@ -310,7 +310,7 @@ def _color_pair(rng, lo, hi):
     return np.stack([a, a * rng.uniform(0.6, 0.85)])
 
 
-def _draw_layout(rng, shape, count, cam, image_size):
+def _draw_layout(rng, shape, count, cam):
     o, fwd, right, up, f = cam
     layout = []
     tries = 0
@@ -343,14 +343,14 @@ def render_scene(seed: int, index: int, image_size: int = 64, min_visible_pixels
     if min_visible_pixels is None:
         min_visible_pixels = max(4, int(round(6 * (image_size / 64) ** 2)))
     for _attempt in range(200):
-        cam = _camera(rng, image_size)
+        cam = _camera(rng)
         light = np.array([rng.uniform(-4, 4), rng.uniform(5, 8), rng.uniform(0, 4)])
         room = {
             "tile": rng.uniform(0.5, 1.2), "floor": _color_pair(rng, 0.45, 0.8),
             "wall": _color_pair(rng, 0.4, 0.75), "wall_freq": rng.uniform(1.5, 4.0),
             "ambient": rng.uniform(0.2, 0.4), "diffuse": rng.uniform(0.6, 0.95),
         }
-        layout = _draw_layout(rng, shape, count, cam, image_size)
+        layout = _draw_layout(rng, shape, count, cam)
         if len(layout) < count:
             continue
         for ob in layout:
