@@ -39,7 +39,7 @@ from torch.utils.data import Dataset, Subset
 from evals import common
 from evals.features import cached, extract
 from evals.paired import HITS
-from evals.probe import GridAdam, cosine, grid, head_device, num_threads, split_train_val, topk_accuracy
+from evals.probe import GridAdam, cosine, grid, num_threads, split_train_val, topk_accuracy
 from pipeline.config import ClassifierProbeConfig
 from pipeline.errors import PipelineError
 
@@ -109,11 +109,11 @@ def train_attentive(tokens: Tensor, y: Tensor, num_classes: int, lrs: Sequence[f
                     epochs: int, seed: int = 0, batch_size: int = BATCH,
                     rows: Tensor | None = None) -> dict[str, Tensor]:
     """Attentive heads, one per (lrs[g], wds[g]), on tokens (n, N, D) (CPU, float16 is fine), y (n,) in
-    [0, C) -> their parameters (see `init_heads`) on `head_device()`. AdamW, cosine lr over all steps,
+    [0, C) -> their parameters (see `init_heads`) on `common.device()`. AdamW, cosine lr over all steps,
     minibatches reshuffled each epoch. `rows`: train on these items of `tokens` only (not copied)."""
     rows = torch.arange(len(tokens)) if rows is None else rows.cpu()
     n, d = len(rows), tokens.shape[-1]
-    dev = head_device()
+    dev = common.device()
     p = init_heads(d, num_classes, len(lrs), num_heads(d), seed, dev)
     lr = torch.tensor(list(lrs), dtype=torch.float32, device=dev)
     decay = lr * torch.tensor(list(wds), dtype=torch.float32, device=dev)  # AdamW: p *= 1 - lr * wd

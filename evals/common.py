@@ -56,6 +56,7 @@ class EvalContext:
 
 
 def device() -> torch.device:
+    """Where the encoders run and the probes' heads train: the GPU when there is one."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 from evals import common
 from evals.features import extract
 from evals.paired import ERRORS
-from evals.probe import GridAdam, cosine, grid, head_device, selection_splits
+from evals.probe import GridAdam, cosine, grid, selection_splits
 from pipeline.config import Config, DepthProbeConfig
 from pipeline.errors import PipelineError
 
@@ -192,9 +192,9 @@ def train_depth_heads(tokens: Tensor, depths: Tensor, points: list[tuple[float, 
     """tokens (n, N, D) standardised, depths (n, S, S) -> heads trained with Adam + cosine lr, starting
     from the mean depth map of `depths` (`patch_prior`).
 
-    Inputs stay where they are (CPU); each minibatch moves to `head_device()`.
+    Inputs stay where they are (CPU); each minibatch moves to `common.device()`.
     """
-    dev = head_device()
+    dev = common.device()
     heads = DepthHeads(tokens.shape[-1], len(points), cfg, grid_hw, depths.shape[-1], dev,
                        prior=patch_prior(depths, cfg, grid_hw))
     wd = torch.tensor([p[1] for p in points], device=dev)

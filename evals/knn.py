@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from evals import common
 from evals.features import VIEWS
 from evals.paired import HITS
-from evals.probe import head_device, topk_accuracy
+from evals.probe import topk_accuracy
 from pipeline.config import ClassifierProbeConfig
 from pipeline.errors import PipelineError
 
@@ -35,7 +36,7 @@ def knn_votes(x_train: Tensor, y_train: Tensor, x_test: Tensor, num_classes: int
     test item, the sum of exp(cos / temperature) over its k nearest train items (by cosine), per class."""
     if len(x_train) == 0 or len(x_test) == 0:
         raise PipelineError(f"k-NN: needs train and test items; got {len(x_train)} and {len(x_test)}")
-    dev = head_device()
+    dev = common.device()
     k = min(k, len(x_train))
     labels = y_train.long().to(dev)
     out = []

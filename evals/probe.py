@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from evals import common
 from evals.paired import HITS
 from pipeline.config import ProbeConfig
 from pipeline.errors import PipelineError
@@ -37,11 +38,6 @@ PROBE_BATCH = 1024  # training minibatch on cached features (cfg.batch_size is f
 # (10x the items at val_fraction 0.1) for k trainings of heads on cached features, which cost seconds.
 MIN_VAL_ITEMS = 5  # per class on average (linear probe); images (depth probe)
 MAX_FOLDS = 5
-
-
-def head_device() -> torch.device:
-    """Heads train on the GPU when there is one (features are cached on the CPU)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class GridAdam:
@@ -179,7 +175,7 @@ def linear_probe(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tenso
     """Features (n, D) and labels (n,) -> {"top1", "top5"} on test in %, plus the chosen "lr", "weight_decay"
     and "selection_folds" (1: held-out split, k: k-fold, 0: a grid of one point, nothing chosen); with
     `hits`, also "hits": (n_test,) bool on the CPU, the top-1 hit of each test item (for `evals.paired`)."""
-    dev = head_device()
+    dev = common.device()  # the heads train on the GPU when there is one; features are cached on the CPU
     with num_threads(1):
         out = _linear_probe(x_train.to(dev), y_train.to(dev), x_test.to(dev), y_test.to(dev), num_classes, cfg)
     if not hits:
