@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,23 +38,22 @@ Kind = Literal["pooled", "tokens"]
 CACHE_VERSION = 1  # bump when the stored layout changes
 
 
-def weights_hash(module: nn.Module) -> str:
-    """16 hex digits of sha256 over the state dict (names, shapes, dtypes, bytes)."""
+def tensor_digest(*tensors: Tensor, names: Sequence[str] | None = None) -> str:
+    """sha256 (64 hex digits) over each tensor's shape, dtype and bytes, in order; with `names` (one per
+    tensor), each tensor's name too, so renaming a weight changes the digest."""
+    labels = [""] * len(tensors) if names is None else [f"{n}:" for n in names]
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
+    for label, t in zip(labels, tensors, strict=True):
         t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _tensor_digest(*tensors: Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(f"{label}{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def weights_hash(module: nn.Module) -> str:
+    """16 hex digits of `tensor_digest` over the state dict, sorted by name (names, shapes, dtypes, bytes)."""
+    state = sorted(module.state_dict().items())
+    return tensor_digest(*(t for _, t in state), names=[n for n, _ in state])[:16]
 
 
 def dataset_identity(ds: Dataset) -> dict[str, Any] | None:
@@ -62,9 +62,9 @@ def dataset_identity(ds: Dataset) -> dict[str, Any] | None:
         inner = dataset_identity(ds.dataset)
         if inner is None:
             return None
-        return {"subset_of": inner, "indices": _tensor_digest(torch.as_tensor(list(ds.indices)))}
+        return {"subset_of": inner, "indices": tensor_digest(torch.as_tensor(list(ds.indices)))}
     if isinstance(ds, TensorDataset):
-        return {"type": "TensorDataset", "tensors": _tensor_digest(*ds.tensors)}
+        return {"type": "TensorDataset", "tensors": tensor_digest(*ds.tensors)}
     base = {"type": type(ds).__name__, "transform": repr(getattr(ds, "transform", None))}
     if hasattr(ds, "samples"):  # ImageNetFolder, ClevrDataset: [(path, label)]
         h = hashlib.sha256()
@@ -75,7 +75,7 @@ def dataset_identity(ds: Dataset) -> dict[str, Any] | None:
     if hasattr(ds, "mat_path") and hasattr(ds, "indices"):  # NyuDepth
         st = os.stat(ds.mat_path)
         return {**base, "mat": f"{Path(ds.mat_path).resolve()}|{st.st_size}|{st.st_mtime_ns}",
-                "rows": _tensor_digest(torch.as_tensor(ds.indices)), "image_size": ds.image_size}
+                "rows": tensor_digest(torch.as_tensor(ds.indices)), "image_size": ds.image_size}
     return None
 
 
