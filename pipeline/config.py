@@ -492,6 +492,73 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # ------------------------------------------------------------------------------------------- loading
 
+# annotation -> (what an error says is allowed, the check); bool is an int in Python, but not here
+_SCALARS: dict[type, tuple[str, typing.Callable[[Any], bool]]] = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is types.NoneType else _type_name(a) for a in args)
+    if origin is tuple:
+        if args[1:] == (Ellipsis,):
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} ({', '.join(map(_type_name, args))})"
+    if origin is dict:
+        return "a mapping of names to numbers"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping (section)"
+    if tp in _SCALARS:
+        return _SCALARS[tp][0]
+    raise TypeError(f"unsupported annotation {tp!r}")
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """`value` checked against the annotation `tp`; lists become tuples, ints become floats."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return build(tp, value, key)
+    if origin is Literal and value in args:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and types.NoneType in args:
+            return None
+        for a in (a for a in args if a is not types.NoneType):
+            try:
+                return _coerce(a, value, key)
+            except ConfigError:  # the next alternative; the error names the whole union
+                pass
+    if origin is tuple and isinstance(value, (list, tuple)):
+        items = args[:1] * len(value) if args[1:] == (Ellipsis,) else args
+        if len(items) == len(value):  # a wrong item is named by its index
+            return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(items, value, strict=True)))
+    if origin is dict and isinstance(value, dict):
+        return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if tp in _SCALARS and _SCALARS[tp][1](value):
+        return float(value) if tp is float else value
+    raise ConfigError(key, value, _type_name(tp))
+
+
+def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and bad values."""
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in hints:
+            raise ConfigError(f"{prefix}.{key}" if prefix else key, data[key],
+                              f"a known key of {prefix or 'the top level'}: {sorted(hints)}")
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}.{name}" if prefix else name) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # __post_init__ names its own field only
+        raise e.under(prefix) from None
+
 
 def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
@@ -502,98 +569,11 @@ def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[leaf] = value
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + str(list(typing.get_args(tp)))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_type_name(args[0])}"
-        return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
-    if origin is dict:
-        return "a mapping of names to numbers"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping (section)"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; lists become tuples, ints become floats."""
-    bad = ConfigError(key, value, _type_name(tp))
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise bad
-        return build(tp, value, key)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise bad
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise bad
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(a, value, key)
-            except ConfigError:
-                pass
-        raise bad
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise bad
-        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
-    if origin is dict:
-        _, vt = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise bad
-        return {str(k): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    raise TypeError(f"unsupported annotation {tp!r} for {key}")
-
-
-def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and bad values."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in known:
-            where = f"{prefix}.{key}" if prefix else key
-            raise ConfigError(where, data[key], f"a known key of {prefix or 'the top level'}: {sorted(known)}")
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, f"{prefix}.{name}" if prefix else name)
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:  # __post_init__ names its own field only
-        raise e.under(prefix) from None
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def from_dict(raw: dict[str, Any] | None) -> Config:
@@ -606,13 +586,6 @@ def from_dict(raw: dict[str, Any] | None) -> Config:
     for dotted, value in PRESETS[preset].items():
         _set_dotted(merged, dotted, value)
     return build(Config, _deep_merge(merged, raw))
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:
