@@ -21,8 +21,8 @@ second and third under each encoder as "attentive" and "knn", `evals.attentive`,
     attentive_top1, attentive_top5  V-JEPA's attentive probe on the last layer's patch tokens: .last only
     knn_top1, knn_top5              cosine k-NN (DINO's weighted vote) on the pooled views (last, last4)
 
-Written as reports/evals.csv and reports/evals.md (and reports/evals.png when `pipeline.viz` offers
-`table_image`), then logged into the pretrain MLflow run as the child run "report".
+Written as reports/evals.csv, reports/evals.md and reports/evals.png, then logged into the pretrain MLflow
+run as the child run "report".
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from evals.features import VIEWS
 from pipeline.atomic import atomic_write, atomic_write_text
 from pipeline.config import Config
 from pipeline.errors import PipelineError
+from pipeline.viz import table_image
 
 NAME = "report"
 EVALS = {"eval_linear": "linear", "eval_semi": "semi_1pct", "eval_clevr": "clevr", "eval_depth": "depth"}
@@ -143,8 +144,7 @@ def read_metrics(root: Path) -> dict[str, dict[str, Any]]:
 
 
 def write_report(table: pd.DataFrame, out_dir: Path, diagnostics: pd.DataFrame | None = None) -> list[Path]:
-    """evals.csv, evals.md (with the `diagnostics` table when given) and (when pipeline.viz has table_image)
-    evals.png under out_dir."""
+    """evals.csv, evals.md (with the `diagnostics` table when given) and evals.png under out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv, md = out_dir / "evals.csv", out_dir / "evals.md"
     atomic_write(csv, lambda tmp: table.to_csv(tmp, float_format="%.6g"))
@@ -155,13 +155,7 @@ def write_report(table: pd.DataFrame, out_dir: Path, diagnostics: pd.DataFrame |
              "top1/top5: linear probe; attentive_*: attentive probe on the last layer's patch tokens; knn_*: "
              "cosine k-NN on the pooled features.\n\n")
     atomic_write_text(md, intro + to_markdown(table) + _diagnostics_markdown(diagnostics))
-    written = [csv, md]
-    try:
-        from pipeline.viz import table_image
-    except ImportError:
-        return written
-    written.append(table_image(table, out_dir / "evals.png", title="I-JEPA vs random-init encoder"))
-    return written
+    return [csv, md, table_image(table, out_dir / "evals.png", title="I-JEPA vs random-init encoder")]
 
 
 def _diagnostics_markdown(diagnostics: pd.DataFrame | None) -> str:
@@ -184,7 +178,7 @@ def run(cfg: Config, root: str | Path | None = None) -> pd.DataFrame:
     files = write_report(table, root / REPORT_DIR, diagnostics_table(results))
     tracking.connect(cfg.mlflow, root)
     margins = {f"{e}.{m}.margin.{v}": table.loc[(e, m), f"margin.{v}"] for e, m in table.index for v in VIEWS}
-    with tracking.child_run(run_id, NAME, {"evaluations": ",".join(sorted(read_metrics(root)))}):
+    with tracking.child_run(run_id, NAME, {"evaluations": ",".join(sorted(results))}):
         tracking.log_metrics({k: v for k, v in margins.items() if v == v})
         for f in files:
             tracking.log_artifact(f)

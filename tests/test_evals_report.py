@@ -84,6 +84,8 @@ def test_markdown_and_csv(tmp_path):
     assert diagnostics_table({"eval_depth": RESULTS["eval_depth"]}) is None
     files = write_report(t, tmp_path, diag)
     assert "| linear | ijepa | 20 | 0.3 |" in (tmp_path / "evals.md").read_text()
-    assert {f.name for f in files} >= {"evals.csv", "evals.md"}
+    assert [f.name for f in files] == ["evals.csv", "evals.md", "evals.png"]
+    assert all(f.parent == tmp_path and f.is_file() for f in files)
+    assert (tmp_path / "evals.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     back = pd.read_csv(tmp_path / "evals.csv", index_col=[0, 1])
     assert back.loc[("linear", "top1"), "ijepa.last"] == pytest.approx(60.0)
