@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ENCODER_PRESETS, PRESETS, Config, ConfigError, from_dict, load_config
+from pipeline.config import ENCODER_PRESETS, Config, ConfigError, from_dict, load_config
+from pipeline.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 
