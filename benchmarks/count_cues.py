@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 from benchmarks.demo_quality import VAL_OFFSET, grey, logistic_top1, pooled, to_tensor  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.scenes import COLORS, render_many  # noqa: E402
-from pipeline.models import build_encoder  # noqa: E402
+from pipeline.models.encoder import build_encoder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

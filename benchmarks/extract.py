@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 from evals.features import extract, extract_many  # noqa: E402
 from pipeline.config import ModelConfig, load_config  # noqa: E402
 from pipeline.data import ImageNetFolder, eval_transform, export_synthetic  # noqa: E402
-from pipeline.models import build_encoder  # noqa: E402
+from pipeline.models.encoder import build_encoder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import ModelConfig  # noqa: E402
-from pipeline.models import build_encoder  # noqa: E402
+from pipeline.models.encoder import build_encoder  # noqa: E402
 
 CHILD = """
 import json, sys, torch
@@ -38,7 +38,8 @@ sys.path.insert(0, {root!r})
 def hwm_kib():  # the peak RSS of this process (ru_maxrss would carry the parent's peak across exec)
     return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")))
 from pipeline.config import ModelConfig
-from pipeline.models import build_encoder, load_any_encoder
+from pipeline.models.checkpoints import load_any_encoder
+from pipeline.models.encoder import build_encoder
 path, way, name, patch, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 before = hwm_kib()
 if way == "ours":

@@ -33,7 +33,7 @@ from pipeline.config import ClassifierProbeConfig, Config, ProbeConfig
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
-    from pipeline.models import Encoder
+    from pipeline.models.encoder import Encoder
 
 # MLflow and timm are imported where used: they take seconds to import, and the pure functions here
 # (and the modules that use them, and their tests) need neither.
@@ -73,7 +73,7 @@ def check_architecture(meta: dict, cfg: Config, where: str) -> None:
 
 def random_encoder(cfg: Config) -> Encoder:
     """The baseline: the same architecture, random init seeded by pretrain.seed, frozen."""
-    from pipeline.models import build_encoder
+    from pipeline.models.encoder import build_encoder
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.pretrain.seed)
@@ -122,7 +122,7 @@ def parent_run(cfg: Config, root: Path, source: Path) -> str:
 
 def prepare(cfg: Config, root: str | Path | None = None) -> EvalContext:
     """Load the encoder to evaluate (checked against params), build the baseline, find the MLflow run."""
-    from pipeline.models import load_any_encoder
+    from pipeline.models.checkpoints import load_any_encoder
     from pipeline.models.io import ENCODER_DIR
 
     root = Path.cwd() if root is None else Path(root)

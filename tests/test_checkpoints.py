@@ -9,8 +9,10 @@ import torch
 
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.models import Predictor, build_encoder, load_any_encoder, save_encoder
-from pipeline.models.checkpoints import Architecture, detect_format
+from pipeline.models.checkpoints import Architecture, detect_format, load_any_encoder
+from pipeline.models.encoder import build_encoder
+from pipeline.models.io import save_encoder
+from pipeline.models.predictor import Predictor
 
 S, P = 32, 8  # image and patch size of every encoder here: a 4 x 4 grid
 MICRO = ModelConfig(name="vit_micro", patch_size=P)  # 128 wide, 6 deep, 4 heads

@@ -13,7 +13,7 @@ from evals.features import extract
 from evals.probe import linear_probe
 from pipeline.config import ClassifierProbeConfig, ConfigError, ModelConfig, from_dict
 from pipeline.errors import PipelineError
-from pipeline.models import build_encoder
+from pipeline.models.encoder import build_encoder
 
 CFG = ClassifierProbeConfig(lrs=(1e-3, 1e-2), epochs=30, attentive=True, attentive_epochs=30)
 

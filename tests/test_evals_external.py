@@ -13,7 +13,7 @@ import yaml
 
 from evals import clevr, depth, linear, report, semi
 from pipeline.errors import PipelineError
-from pipeline.models import build_encoder
+from pipeline.models.encoder import build_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"eval_linear.epochs": 3, "eval_semi.epochs": 3, "eval_clevr.epochs": 3, "eval_depth.epochs": 2,

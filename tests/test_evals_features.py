@@ -7,7 +7,7 @@ from evals.common import limit
 from evals.features import cached, dataset_identity, extract, weights_hash
 from evals.semi import evaluate_semi
 from pipeline.config import ClassifierProbeConfig
-from pipeline.models import Encoder
+from pipeline.models.encoder import Encoder
 
 
 class Counting(torch.nn.Module):

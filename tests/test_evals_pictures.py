@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from evals.pictures import draw, fixed_images
-from pipeline.models import build_encoder
+from pipeline.models.encoder import build_encoder
 
 
 class Labelled(torch.utils.data.Dataset):

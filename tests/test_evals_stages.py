@@ -13,7 +13,8 @@ import yaml
 from evals import clevr, depth, linear, report, semi
 from pipeline import tracking
 from pipeline.errors import PipelineError
-from pipeline.models import build_encoder, save_encoder
+from pipeline.models.encoder import build_encoder
+from pipeline.models.io import save_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"eval_linear.epochs": 5, "eval_semi.epochs": 5, "eval_clevr.epochs": 5, "eval_depth.epochs": 3,

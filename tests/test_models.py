@@ -8,7 +8,9 @@ import torch
 
 from pipeline.config import ENCODER_PRESETS, ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.models import Predictor, build_encoder, build_predictor, load_official_checkpoint, sincos_pos_embed_2d
+from pipeline.models.checkpoints import load_official_checkpoint
+from pipeline.models.encoder import build_encoder, sincos_pos_embed_2d
+from pipeline.models.predictor import Predictor, build_predictor
 
 torch.set_num_threads(1)
 
