@@ -33,7 +33,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.data.scenes import render_many  # noqa: E402
 from pipeline.data.transforms import CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from pipeline.diagnostics import diagnose  # noqa: E402
-from pipeline.masks import MaskCollator  # noqa: E402
+from pipeline.masks import MaskSampler  # noqa: E402
 from pipeline.models import build_encoder, build_ijepa  # noqa: E402
 from pipeline.schedules import Schedules  # noqa: E402
 from pipeline.step import build_optimizer, train_step  # noqa: E402
@@ -111,7 +111,7 @@ def pretrain(cfg, xtr: torch.Tensor, steps: int, at: dict[int, callable] | None 
     aug = T.Compose([T.RandomResizedCrop(S, scale=CROP_SCALE, antialias=True), T.RandomHorizontalFlip()])
     torch.manual_seed(cfg.pretrain.seed)
     model = build_ijepa(cfg)
-    collator = MaskCollator(cfg.mask, model.encoder.grid_size, seed=cfg.pretrain.seed)
+    sampler = MaskSampler(cfg.mask, model.encoder.grid_size, seed=cfg.pretrain.seed)
     steps_per_epoch = len(xtr) // B
     sched = Schedules(cfg.optim, steps_per_epoch, max(1, round(steps / steps_per_epoch)))
     opt = build_optimizer(model, cfg.optim)
@@ -119,7 +119,7 @@ def pretrain(cfg, xtr: torch.Tensor, steps: int, at: dict[int, callable] | None 
     t0, losses, paused = time.perf_counter(), [], 0.0
     for step in range(sched.total_steps):
         idx = torch.randint(0, len(xtr), (B,))
-        masks_enc, masks_pred = collator.sample(B, step)
+        masks_enc, masks_pred = sampler.sample(B, step)
         out = train_step(model, opt, sched, step, torch.stack([aug(xtr[i]) for i in idx]), masks_enc, masks_pred)
         losses.append(out.loss.item())
         if at and step + 1 in at:
@@ -136,7 +136,7 @@ def pretrain(cfg, xtr: torch.Tensor, steps: int, at: dict[int, callable] | None 
 
 def diagnostics(model: torch.nn.Module, cfg, xva: torch.Tensor, n: int = 256) -> dict[str, float]:
     """`pipeline.diagnostics.diagnose` on the first n val scenes with fixed masks, rounded."""
-    masks = MaskCollator(cfg.mask, model.encoder.grid_size, seed=cfg.pretrain.seed).sample(n, DIAG_MASK_STEP)
+    masks = MaskSampler(cfg.mask, model.encoder.grid_size, seed=cfg.pretrain.seed).sample(n, DIAG_MASK_STEP)
     return {k: round(v, 4) for k, v in diagnose(model, xva[:n], *masks).items()}
 
 

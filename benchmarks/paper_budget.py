@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from pipeline.config import from_dict  # noqa: E402
-from pipeline.masks import MaskCollator  # noqa: E402
+from pipeline.masks import MaskSampler  # noqa: E402
 from pipeline.models.ijepa import build_ijepa  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,11 +40,11 @@ def flops_per_image(cfg, draws: int, batch: int = 4) -> list[float]:
     """Model FLOPs of one training image at each of `draws` seeded mask batches (FlopCounterMode)."""
     with torch.device("meta"):
         model = build_ijepa(cfg).train()
-    collator = MaskCollator(cfg.mask, model.encoder.grid_size, seed=0)
+    sampler = MaskSampler(cfg.mask, model.encoder.grid_size, seed=0)
     images = torch.empty(batch, 3, cfg.data.image_size, cfg.data.image_size, device="meta")
     out = []
     for step in range(draws):
-        masks_enc, masks_pred = collator.sample(batch, step)
+        masks_enc, masks_pred = sampler.sample(batch, step)
         counter = FlopCounterMode(display=False)
         with counter:
             model(images, masks_enc.to("meta"), masks_pred.to("meta")).loss.backward()

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.masks import MaskCollator  # noqa: E402
+from pipeline.masks import MaskSampler  # noqa: E402
 from pipeline.models.ijepa import build_ijepa  # noqa: E402
 from pipeline.schedules import Schedules  # noqa: E402
 from pipeline.step import autocast, build_optimizer, set_schedules  # noqa: E402
@@ -66,7 +66,7 @@ def main() -> None:
     model = build_ijepa(cfg).to(device).train()
     opt = build_optimizer(model, cfg.optim)
     sched = Schedules(cfg.optim, steps_per_epoch=100, epochs=10)
-    collator = MaskCollator(cfg.mask, model.encoder.grid_size, seed=0)
+    sampler = MaskSampler(cfg.mask, model.encoder.grid_size, seed=0)
     images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
 
     def clock() -> float:  # the benchmark syncs to time the parts; the training loop never does
@@ -84,7 +84,7 @@ def main() -> None:
     t_fb = t_all = 0.0
     for step in range(args.steps + 2):
         t0 = clock()
-        masks_enc, masks_pred = (m.to(device, non_blocking=True) for m in collator.sample(args.batch, step))
+        masks_enc, masks_pred = (m.to(device, non_blocking=True) for m in sampler.sample(args.batch, step))
         set_schedules(opt, sched, step)
         t1 = clock()
         forward_backward(masks_enc, masks_pred)
@@ -98,7 +98,7 @@ def main() -> None:
     n = args.steps
     counter = FlopCounterMode(display=False)
     with counter:
-        forward_backward(*(m.to(device) for m in collator.sample(args.batch, 0)))
+        forward_backward(*(m.to(device) for m in sampler.sample(args.batch, 0)))
     flops, step_s = counter.get_total_flops(), t_all / n
     peak = peak_tflops(device, args.peak_tflops)
     print(json.dumps({

@@ -19,7 +19,7 @@ import torch
 
 from evals import common
 from pipeline.config import Config
-from pipeline.masks import MaskCollator
+from pipeline.masks import MaskSampler
 
 NAME = "pictures"
 REPORT_DIR = "reports"
@@ -42,7 +42,7 @@ def draw(cfg: Config, encoders: dict, images: torch.Tensor, out_dir: Path) -> li
     from pipeline import viz
 
     grid = next(iter(encoders.values())).grid_size
-    masks_enc, masks_pred = MaskCollator(cfg.mask, grid, cfg.pretrain.seed).sample(len(images), step=0)
+    masks_enc, masks_pred = MaskSampler(cfg.mask, grid, cfg.pretrain.seed).sample(len(images), step=0)
     paths = [
         viz.mask_overlay_grid(images, masks_enc, masks_pred, grid, out_dir / "masks.png",
                               title=f"mask.strategy = {cfg.mask.strategy}: context (blue) and target blocks"),

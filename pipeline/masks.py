@@ -1,6 +1,6 @@
 """I-JEPA masking (Assran et al. 2023, Sec. 3): context and target patch indices for a batch.
 
-`MaskCollator(cfg, grid, seed).sample(batch_size, step)` returns
+`MaskSampler(cfg, grid, seed).sample(batch_size, step)` returns
 
 * ``masks_enc``  LongTensor (B, Kc): sorted patch indices (row-major, ``r * W + c``) of the context;
 * ``masks_pred`` LongTensor (B, M, Kt): sorted patch indices of each of the M target blocks.
@@ -9,9 +9,9 @@ Reproducibility: every call builds a fresh ``numpy.random.default_rng([seed, ste
 process-local state (no counters, no global RNG), so a DataLoader or Ray worker that samples the same
 ``(seed, step)`` gets the same masks.
 
-Step handling (the choice for ``__call__``): the step is passed explicitly, ``collator(batch, step)``.
-A DataLoader cannot pass it, so the training loop uses ``default_collate`` as the loader's collate_fn and
-calls ``collator.sample(len(batch), step)`` itself (or ``collator(list_of_items, step)``).
+A sampler, not a collate function: the masks depend on the step, which a DataLoader does not pass to its
+collate_fn. The pretraining's collate function, `pipeline.train.MaskCollate`, learns the step from its
+batch sampler and calls ``sample(global_batch, step)``; pictures, diagnostics and benchmarks call ``sample``.
 
 Equal lengths without positional bias: masks in a batch differ in size, but a tensor needs one length.
 The official code keeps the *first* k indices of each mask, which biases what survives toward the top-left.
@@ -49,13 +49,10 @@ Strategies (``cfg.strategy``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import default_collate
 
 from pipeline.config import MaskConfig
 
@@ -188,7 +185,7 @@ def _block_subset(rng: np.random.Generator, top: np.ndarray, left: np.ndarray, h
     return idx.astype(np.int64)
 
 
-class MaskCollator:
+class MaskSampler:
     """Samples I-JEPA context/target masks for a (H, W) patch grid; see the module docstring."""
 
     def __init__(self, cfg: MaskConfig, grid: tuple[int, int], seed: int = 0):
@@ -310,8 +307,3 @@ class MaskCollator:
         else:
             masks_pred = _equal_subset(rng, pred.reshape(B * M, N))
         return torch.from_numpy(masks_enc), torch.from_numpy(np.ascontiguousarray(masks_pred.reshape(B, M, -1)))
-
-    def __call__(self, batch: Sequence[Any], step: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        """Default-collate `batch` (a list of dataset items); return (collated, masks_enc, masks_pred)."""
-        masks_enc, masks_pred = self.sample(len(batch), step)
-        return default_collate(list(batch)), masks_enc, masks_pred

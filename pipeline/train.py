@@ -11,7 +11,7 @@ step do not depend on the number of workers, and resuming at step k mid-epoch is
 starts at batch k of the same permutation. (DistributedSampler would shard by striding instead and
 cannot start mid-epoch.)
 
-Masks: sampled per GLOBAL step, `MaskCollator.sample(batch_size, step)` for the whole global batch, and
+Masks: sampled per GLOBAL step, `MaskSampler.sample(batch_size, step)` for the whole global batch, and
 each rank keeps its slice; this runs in the DataLoader's collate function (in its worker processes when
 `data.num_workers > 0`), which learns the step from the batch sampler. The masks are therefore the same
 whatever the number of Ray workers or DataLoader workers.
@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline.config import Config
 from pipeline.diagnostics import DIAG_COLUMNS, alarms, diagnose
 from pipeline.errors import PipelineError
-from pipeline.masks import MaskCollator
+from pipeline.masks import MaskSampler
 from pipeline.models.ijepa import IJEPA, build_ijepa
 from pipeline.progress import progress
 from pipeline.schedules import Schedules
@@ -51,7 +51,7 @@ CHECKPOINT_FILE = "state.pt"
 # loss = pred_loss + optim.reg_weight * reg_loss (reg_loss 0 and pred_loss = loss when optim.reg is none).
 CURVE_COLUMNS = ("step", "loss", "pred_loss", "reg_loss", "lr", "wd", "momentum", "target_std", "images_per_s",
                  *DIAG_COLUMNS)
-DIAG_MASK_STEP = 2**40  # the diagnostics batch's masks: MaskCollator.sample(n, DIAG_MASK_STEP), never a training step
+DIAG_MASK_STEP = 2**40  # the diagnostics batch's masks: MaskSampler.sample(n, DIAG_MASK_STEP), never a training step
 NO_BAD_STEP = 2**62
 
 
@@ -167,7 +167,7 @@ class MaskCollate:
     The masks are this rank's rows of the global step's masks, `sample(global_batch, step)`.
     """
 
-    def __init__(self, collator: MaskCollator, global_batch: int, rank: int, world: int):
+    def __init__(self, collator: MaskSampler, global_batch: int, rank: int, world: int):
         self.collator, self.G, self.b, self.rank = collator, global_batch, global_batch // world, rank
 
     def __call__(self, items: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor, Tensor, int]:
@@ -266,7 +266,7 @@ def train_worker(cfg: Config, dataset: Dataset, report: ReportFn, *, restore: di
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
-    collator = MaskCollator(cfg.mask, model.encoder.grid_size, p.seed)
+    collator = MaskSampler(cfg.mask, model.encoder.grid_size, p.seed)
     collate = MaskCollate(collator, p.batch_size, rank, world)
     diag_batch = None
     if rank == 0 and p.diag_images > 0:

@@ -30,7 +30,7 @@ from pipeline.atomic import atomic_write
 from pipeline.config import MASK_STRATEGIES, MaskConfig
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.errors import PipelineError
-from pipeline.masks import MaskCollator
+from pipeline.masks import MaskSampler
 
 DPI = 110
 CONTEXT_COLOR = to_rgb("#1f77b4")  # blue
@@ -191,7 +191,7 @@ def mask_overlay_grid(images: Tensor | np.ndarray, masks_enc: Tensor, masks_pred
     """One column per image: the image above, the same image with its masks below.
 
     images: normalized float (B, 3, H, W) or uint8 (B, H, W, 3); masks_enc (B, Kc) and masks_pred
-    (B, M, Kt): patch indices on the (gh, gw) `grid`, as `MaskCollator.sample` returns them. Context
+    (B, M, Kt): patch indices on the (gh, gw) `grid`, as `MaskSampler.sample` returns them. Context
     patches are tinted blue; each target block is tinted and outlined in its own colour (legend below).
     """
     imgs = to_display(images)
@@ -215,10 +215,10 @@ def mask_overlay_grid(images: Tensor | np.ndarray, masks_enc: Tensor, masks_pred
 def _feasible(cfg: MaskConfig, grid: tuple[int, int], n: int, seed: int) -> tuple[MaskConfig, Tensor, Tensor]:
     """Sample `cfg` on `grid`; if its min_keep is infeasible for this strategy/grid, retry with min_keep=1."""
     try:
-        return cfg, *MaskCollator(cfg, grid, seed).sample(n, 0)
+        return cfg, *MaskSampler(cfg, grid, seed).sample(n, 0)
     except ValueError:
         cfg = replace(cfg, min_keep=1)
-        return cfg, *MaskCollator(cfg, grid, seed).sample(n, 0)
+        return cfg, *MaskSampler(cfg, grid, seed).sample(n, 0)
 
 
 def mask_strategies_figure(cfg: MaskConfig, grid: tuple[int, int], path: str | Path, n: int = 4,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.diagnostics import alarms, diagnose, variance_shares
-from pipeline.masks import MaskCollator
+from pipeline.masks import MaskSampler
 from pipeline.models import build_ijepa
 
 
@@ -26,7 +26,7 @@ def model_and_batch(tiny_cfg):
     torch.manual_seed(0)
     model = build_ijepa(tiny_cfg)
     images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    masks = MaskCollator(tiny_cfg.mask, model.encoder.grid_size, seed=0).sample(64, 0)
+    masks = MaskSampler(tiny_cfg.mask, model.encoder.grid_size, seed=0).sample(64, 0)
     return tiny_cfg, model, (images, *masks)
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import regularizers as R
-from pipeline.masks import MaskCollator
+from pipeline.masks import MaskSampler
 from pipeline.metrics import rankme
 from pipeline.models import build_ijepa, load_encoder, save_encoder
 from pipeline.schedules import Schedules
@@ -20,7 +20,7 @@ def setup(tiny_cfg):
     torch.manual_seed(0)
     model = build_ijepa(tiny_cfg)
     grid = model.encoder.grid_size
-    masks = MaskCollator(tiny_cfg.mask, grid, seed=0).sample(4, step=0)
+    masks = MaskSampler(tiny_cfg.mask, grid, seed=0).sample(4, step=0)
     images = torch.randn(4, 3, tiny_cfg.data.image_size, tiny_cfg.data.image_size)
     return tiny_cfg, model, images, masks
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import MaskConfig
-from pipeline.masks import MaskCollator, apply_masks
+from pipeline.masks import MaskSampler, apply_masks
 
 FAST = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 grids = st.tuples(st.integers(8, 16), st.integers(8, 16))
@@ -37,9 +37,9 @@ def test_multiblock_invariants(grid, step, seed, m):
     H, W = grid
     N = H * W
     cfg = MaskConfig(num_targets=m, min_keep=4)
-    col = MaskCollator(cfg, grid, seed)
-    enc_b, pred_b = col.sample_boolean(8, step)
-    enc, pred = col.sample(8, step)
+    sampler = MaskSampler(cfg, grid, seed)
+    enc_b, pred_b = sampler.sample_boolean(8, step)
+    enc, pred = sampler.sample(8, step)
     _check_common(enc, pred, 8, m, N)
     assert (enc_b.sum(1) >= cfg.min_keep).all() and enc.shape[1] >= cfg.min_keep
     assert not (enc_b & pred_b.any(1)).any(), "context and targets overlap"
@@ -62,7 +62,7 @@ def test_multiblock_invariants(grid, step, seed, m):
 def test_context_block_scale(grid, step):
     H, W = grid
     cfg = MaskConfig(allow_overlap=True)
-    enc_b, _ = MaskCollator(cfg, grid).sample_boolean(16, step)
+    enc_b, _ = MaskSampler(cfg, grid).sample_boolean(16, step)
     for b in range(16):
         _, _, h, w = _rect(enc_b[b], W)
         n = H * W
@@ -73,24 +73,24 @@ def test_context_block_scale(grid, step):
 
 def test_min_keep_enforced_by_retry():
     cfg = MaskConfig(num_targets=4, pred_scale=(0.3, 0.35), min_keep=40)
-    col = MaskCollator(cfg, (12, 12))
+    sampler = MaskSampler(cfg, (12, 12))
     for step in range(20):
-        enc_b, pred_b = col.sample_boolean(32, step)
+        enc_b, pred_b = sampler.sample_boolean(32, step)
         assert (enc_b.sum(1) >= 40).all()
         assert not (enc_b & pred_b.any(1)).any()
 
 
 def test_infeasible_min_keep_raises():
     with pytest.raises(ValueError, match="min_keep"):
-        MaskCollator(MaskConfig(min_keep=10**6), (14, 14)).sample(4, 0)
+        MaskSampler(MaskConfig(min_keep=10**6), (14, 14)).sample(4, 0)
 
 
 def test_last_row_and_column_reachable():
-    col = MaskCollator(MaskConfig(), (14, 14))
+    sampler = MaskSampler(MaskConfig(), (14, 14))
     seen_pred = np.zeros(196, bool)
     seen_enc = np.zeros(196, bool)
     for step in range(30):
-        enc_b, pred_b = col.sample_boolean(64, step)
+        enc_b, pred_b = sampler.sample_boolean(64, step)
         seen_pred |= pred_b.any((0, 1))
         seen_enc |= enc_b.any(0)
     assert seen_pred.all() and seen_enc.all()
@@ -98,10 +98,10 @@ def test_last_row_and_column_reachable():
 
 def test_equal_lengths_and_no_positional_bias():
     H = W = 14
-    col = MaskCollator(MaskConfig(), (H, W), seed=3)
+    sampler = MaskSampler(MaskConfig(), (H, W), seed=3)
     rows, cols, prow, pcol = [], [], [], []
     for step in range(40):
-        enc, pred = col.sample(64, step)
+        enc, pred = sampler.sample(64, step)
         assert enc.ndim == 2 and pred.ndim == 3  # one length per tensor
         rows.append(enc // W)
         cols.append(enc % W)
@@ -114,10 +114,10 @@ def test_equal_lengths_and_no_positional_bias():
 
 def test_first_k_would_be_biased():
     """The check above has teeth: keeping the first k indices (the official code) fails it."""
-    col = MaskCollator(MaskConfig(), (14, 14), seed=3)
+    sampler = MaskSampler(MaskConfig(), (14, 14), seed=3)
     means = []
     for step in range(40):
-        enc_b, _ = col.sample_boolean(64, step)
+        enc_b, _ = sampler.sample_boolean(64, step)
         k = int(enc_b.sum(1).min())
         first = np.stack([np.nonzero(r)[0][:k] for r in enc_b])
         means.append((first // 14).mean())
@@ -128,12 +128,12 @@ def test_first_k_would_be_biased():
 @given(step=steps, seed=st.integers(0, 1000), strategy=st.sampled_from(["multiblock", "random", "block", "rasterized"]))
 def test_deterministic_given_seed_and_step(step, seed, strategy):
     cfg = MaskConfig(strategy=strategy)
-    a = MaskCollator(cfg, (14, 14), seed).sample(16, step)
-    b = MaskCollator(cfg, (14, 14), seed).sample(16, step)
+    a = MaskSampler(cfg, (14, 14), seed).sample(16, step)
+    b = MaskSampler(cfg, (14, 14), seed).sample(16, step)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    c = MaskCollator(cfg, (14, 14), seed).sample(16, step + 1)
+    c = MaskSampler(cfg, (14, 14), seed).sample(16, step + 1)
     assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, c, strict=True))
-    d = MaskCollator(cfg, (14, 14), seed + 1).sample(16, step)
+    d = MaskSampler(cfg, (14, 14), seed + 1).sample(16, step)
     assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, d, strict=True))
 
 
@@ -142,7 +142,7 @@ def test_deterministic_given_seed_and_step(step, seed, strategy):
 def test_random_strategy(grid, step):
     H, W = grid
     N = H * W
-    enc, pred = MaskCollator(MaskConfig(strategy="random", min_keep=1), grid).sample(8, step)
+    enc, pred = MaskSampler(MaskConfig(strategy="random", min_keep=1), grid).sample(8, step)
     _check_common(enc, pred, 8, 1, N)
     t = round(0.6 * N)
     assert pred.shape == (8, 1, t) and enc.shape == (8, N - t)
@@ -155,9 +155,9 @@ def test_random_strategy(grid, step):
 def test_block_strategy(grid, step):
     H, W = grid
     N = H * W
-    col = MaskCollator(MaskConfig(strategy="block", min_keep=1), grid)
-    enc_b, pred_b = col.sample_boolean(8, step)
-    enc, pred = col.sample(8, step)
+    sampler = MaskSampler(MaskConfig(strategy="block", min_keep=1), grid)
+    enc_b, pred_b = sampler.sample_boolean(8, step)
+    enc, pred = sampler.sample(8, step)
     _check_common(enc, pred, 8, 1, N)
     for b in range(8):
         _, _, h, w = _rect(pred_b[b, 0], W)
@@ -171,9 +171,9 @@ def test_block_strategy(grid, step):
 def test_rasterized_strategy(grid, step):
     H, W = grid
     N = H * W
-    col = MaskCollator(MaskConfig(strategy="rasterized", min_keep=1), grid)
-    enc_b, pred_b = col.sample_boolean(8, step)
-    enc, pred = col.sample(8, step)
+    sampler = MaskSampler(MaskConfig(strategy="rasterized", min_keep=1), grid)
+    enc_b, pred_b = sampler.sample_boolean(8, step)
+    enc, pred = sampler.sample(8, step)
     _check_common(enc, pred, 8, 3, N)
     for b in range(8):
         blocks = [_rect(enc_b[b], W)] + [_rect(pred_b[b, j], W) for j in range(3)]
@@ -183,21 +183,15 @@ def test_rasterized_strategy(grid, step):
 
 def test_fixed_strategies_check_min_keep():
     with pytest.raises(ValueError, match="min_keep"):
-        MaskCollator(MaskConfig(strategy="rasterized", min_keep=50), (14, 14))
+        MaskSampler(MaskConfig(strategy="rasterized", min_keep=50), (14, 14))
 
 
-def test_apply_masks_and_call():
+def test_apply_masks():
     x = torch.arange(2 * 5 * 3).reshape(2, 5, 3)
     m = torch.tensor([[0, 4], [1, 2]])
     out = apply_masks(x, m)
     assert out.shape == (2, 2, 3)
     assert torch.equal(out[0, 1], x[0, 4]) and torch.equal(out[1, 0], x[1, 1])
-    col = MaskCollator(MaskConfig(), (14, 14))
-    batch = [(torch.zeros(3, 4, 4), i) for i in range(6)]
-    (imgs, labels), enc, pred = col(batch, 7)
-    assert imgs.shape == (6, 3, 4, 4) and labels.tolist() == list(range(6))
-    e2, p2 = col.sample(6, 7)
-    assert torch.equal(enc, e2) and torch.equal(pred, p2)
 
 
 def test_random_subset_is_uniform_over_valid_columns():
@@ -217,13 +211,13 @@ def test_target_blocks_keep_the_configured_scale():
     """Paper settings (14x14 grid, batch 128): the returned target blocks hold scale 0.15-0.2 of the grid,
     34.3 patches on average. Drawing a shape per block and truncating to the batch's smallest returned 25.6."""
     cfg = MaskConfig()
-    col = MaskCollator(cfg, (14, 14), seed=0)
+    sampler = MaskSampler(cfg, (14, 14), seed=0)
     kt = []
     for step in range(200):
-        enc_b, pred_b = col.sample_boolean(128, step)
+        enc_b, pred_b = sampler.sample_boolean(128, step)
         sizes = pred_b.sum(-1)
         assert (sizes == sizes[0, 0]).all(), "one target shape per batch, as the official collator"
-        _, pred = col.sample(128, step)
+        _, pred = sampler.sample(128, step)
         assert pred.shape[2] == sizes[0, 0]  # nothing of a target block is dropped
         kt.append(pred.shape[2])
     want = np.mean(cfg.pred_scale) * 196

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.config import MaskConfig
 from pipeline.errors import PipelineError
-from pipeline.masks import MaskCollator
+from pipeline.masks import MaskSampler
 from pipeline.schedules import Schedules, warmup_cosine
 from pipeline.train import (
     CURVE_COLUMNS,
@@ -62,13 +63,22 @@ def test_global_batches_do_not_depend_on_world_size():
 
 
 def test_collate_takes_this_ranks_rows_of_the_global_masks(tiny_cfg):
-    collator = MaskCollator(tiny_cfg.mask, (4, 4), seed=0)
+    sampler = MaskSampler(tiny_cfg.mask, (4, 4), seed=0)
     items = StepItems(RandomImages(8, 32))
-    enc, pred = collator.sample(8, 5)
+    enc, pred = sampler.sample(8, 5)
     for rank in range(2):
-        images, me, mp, step = MaskCollate(collator, 8, rank, 2)([items[(5, i)] for i in range(4)])
+        images, me, mp, step = MaskCollate(sampler, 8, rank, 2)([items[(5, i)] for i in range(4)])
         assert step == 5 and images.shape == (4, 3, 32, 32)
         assert torch.equal(me, enc[rank * 4:(rank + 1) * 4]) and torch.equal(mp, pred[rank * 4:(rank + 1) * 4])
+
+
+def test_collate_stacks_the_images_drops_labels_and_adds_the_steps_masks():
+    sampler = MaskSampler(MaskConfig(), (14, 14))
+    items = StepItems([(torch.zeros(3, 4, 4), i) for i in range(6)])
+    images, enc, pred, step = MaskCollate(sampler, 6, 0, 1)([items[(7, i)] for i in range(6)])
+    assert images.shape == (6, 3, 4, 4) and step == 7
+    e2, p2 = sampler.sample(6, 7)
+    assert torch.equal(enc, e2) and torch.equal(pred, p2)
 
 
 def test_run_reports_history_checkpoints_and_done(cfg):

@@ -13,7 +13,7 @@ from pipeline import viz
 from pipeline.config import MASK_STRATEGIES
 from pipeline.data.scenes import render_scene
 from pipeline.errors import PipelineError
-from pipeline.masks import MaskCollator
+from pipeline.masks import MaskSampler
 from pipeline.models import build_encoder
 
 
@@ -97,7 +97,7 @@ def test_outline_of_a_block_is_its_perimeter():
 def test_mask_overlay_grid_png_shows_context_and_targets(tiny_cfg, tmp_path):
     grid = (4, 4)
     const = np.full((3, 32, 32, 3), 128, np.uint8)
-    enc, pred = MaskCollator(tiny_cfg.mask, grid, 0).sample(3, 0)
+    enc, pred = MaskSampler(tiny_cfg.mask, grid, 0).sample(3, 0)
     path = viz.mask_overlay_grid(const, enc, pred, grid, tmp_path / "masks.png", title="t")
     rgb = _png(path)
     gray = 128 / 255
@@ -114,7 +114,7 @@ def test_mask_overlay_grid_png_shows_context_and_targets(tiny_cfg, tmp_path):
 
 
 def test_mask_overlay_grid_normalized_scenes(tiny_cfg, scenes_u8, tmp_path):
-    enc, pred = MaskCollator(tiny_cfg.mask, (4, 4), 1).sample(4, 7)
+    enc, pred = MaskSampler(tiny_cfg.mask, (4, 4), 1).sample(4, 7)
     _png(viz.mask_overlay_grid(_normalize(scenes_u8), enc, pred, (4, 4), tmp_path / "sub" / "m.png"))
 
 
@@ -123,7 +123,7 @@ def test_mask_strategies_figure_every_strategy_even_if_min_keep_infeasible(tiny_
 
     cfg = replace(tiny_cfg.mask, min_keep=10)  # rasterized keeps 4 on a 4x4 grid: infeasible as given
     with pytest.raises(ValueError):
-        MaskCollator(replace(cfg, strategy="rasterized"), (4, 4))
+        MaskSampler(replace(cfg, strategy="rasterized"), (4, 4))
     rgb = _png(viz.mask_strategies_figure(cfg, (4, 4), tmp_path / "strategies.png", n=3))
     assert rgb.shape[0] > rgb.shape[1] * 0.8, "one row per strategy: taller than a single row"
     assert len(MASK_STRATEGIES) == 4
