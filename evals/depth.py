@@ -48,6 +48,7 @@ from evals.paired import ERRORS
 from evals.probe import GridAdam, cosine, grid, selection_splits
 from pipeline.config import Config, DepthProbeConfig
 from pipeline.errors import PipelineError
+from pipeline.viz import depth_panel
 
 NAME = "eval_depth"
 METRICS = ("abs_rel", "rmse", "log10", "d1", "d2", "d3")
@@ -276,7 +277,7 @@ def evaluate_depth(encoder: nn.Module, train: Dataset, test: Dataset, cfg: Depth
     """(image (3, S, S), depth (S, S)) datasets -> {"abs_rel", "rmse", "log10", "d1", "d2", "d3", "lr", ...,
     `ERRORS`: per-image AbsRel (n_test,)}; `common.split_results` takes `ERRORS` out before metrics are written.
 
-    With `panel_path` (and `pipeline.viz.depth_panel` available), also a PNG of a few test predictions.
+    With `panel_path`, also a PNG of a few test predictions (`pipeline.viz.depth_panel`).
     """
     kw = {"batch_size": cfg.batch_size, "cache_dir": cache_dir, "num_workers": num_workers}
     ftr = extract(encoder, train, "tokens", desc="tokens train", **kw)
@@ -296,10 +297,6 @@ def evaluate_mean_depth(train_depths: Tensor, test_depths: Tensor, cfg: DepthPro
 
 
 def _panel(test: Dataset, pred: Tensor, gt: Tensor, path: str | Path) -> None:
-    try:
-        from pipeline.viz import depth_panel
-    except ImportError:  # the figure is optional
-        return
     n = min(PANEL_IMAGES, len(pred))
     images = torch.stack([test[i][0] for i in range(n)])
     depth_panel(images, pred[:n], gt[:n], path)
@@ -320,7 +317,7 @@ def run(cfg: Config, root: str | Path | None = None) -> dict[str, Any]:
         panel = ctx.root / "reports" / f"depth_{name}.png"
         results[name] = {"last": evaluate_depth(enc, train, test, cfg.eval_depth, cache_dir=ctx.cache_dir,
                                                 num_workers=cfg.data.num_workers, panel_path=panel)}
-        panels += [panel] if panel.is_file() else []
+        panels.append(panel)
     # The depth maps are the cached "y" of the token features: no second pass over the .mat.
     kw = {"batch_size": cfg.eval_depth.batch_size, "cache_dir": ctx.cache_dir}
     d_train = extract(ctx.encoders["ijepa"], train, "tokens", **kw)["y"].float()
