@@ -1,13 +1,9 @@
-"""LR / weight-decay / EMA-momentum schedules as in the official I-JEPA code, EMA and param groups."""
+"""LR / weight-decay / EMA-momentum schedules as in the official I-JEPA code."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
-
-import torch
-from torch import nn
 
 from pipeline.config import OptimConfig
 
@@ -63,28 +59,3 @@ class Schedules:
 
     def momentum(self, step: int) -> float:
         return linear(step, self.total_steps, *self.optim.ema)
-
-
-@torch.no_grad()
-def ema_update(target_params: Iterable[torch.Tensor], online_params: Iterable[torch.Tensor], m: float) -> None:
-    """target <- m * target + (1 - m) * online, in one fused call."""
-    t = list(target_params)
-    o = [p.detach() for p in online_params]
-    if len(t) != len(o):
-        raise ValueError(f"ema_update: {len(t)} target params but {len(o)} online params")
-    if t:
-        torch._foreach_lerp_(t, o, 1.0 - m)
-
-
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weights, and biases / 1-D params (norms) without decay.
-
-    The second group carries `WD_exclude=True`, so per-step wd updates leave it at 0.
-    """
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0, "WD_exclude": True}]

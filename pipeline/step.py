@@ -13,12 +13,26 @@ from torch import Tensor, nn
 
 from pipeline.config import OptimConfig
 from pipeline.models.ijepa import IJEPA, IJEPAOutput
-from pipeline.schedules import Schedules, param_groups
+from pipeline.schedules import Schedules
 
 
 def unwrap(model: nn.Module) -> IJEPA:
     """The IJEPA module inside a DistributedDataParallel wrapper (or the module itself)."""
     return model.module if hasattr(model, "module") else model  # type: ignore[return-value]
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed weights, and biases / 1-D params (norms) without decay.
+
+    The second group carries `WD_exclude=True`, so per-step wd updates leave it at 0.
+    """
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0, "WD_exclude": True}]
 
 
 def build_optimizer(model: IJEPA, optim: OptimConfig, fused: bool | None = None) -> torch.optim.AdamW:

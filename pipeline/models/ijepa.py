@@ -20,6 +20,7 @@ loss is the paper's, bit for bit.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,6 @@ from pipeline.masks import apply_masks
 from pipeline.models.encoder import Encoder, build_encoder
 from pipeline.models.predictor import Predictor, build_predictor
 from pipeline.regularizers import BY_NAME, reg_loss
-from pipeline.schedules import ema_update
 
 
 @dataclass
@@ -105,6 +105,17 @@ class IJEPA(nn.Module):
     def update_target(self, momentum: float) -> None:
         """target <- momentum * target + (1 - momentum) * encoder, over every parameter, in one fused call."""
         ema_update(self.target_encoder.parameters(), self.encoder.parameters(), momentum)
+
+
+@torch.no_grad()
+def ema_update(target_params: Iterable[Tensor], online_params: Iterable[Tensor], m: float) -> None:
+    """target <- m * target + (1 - m) * online, parameter by parameter (same shapes), in one fused call."""
+    t = list(target_params)
+    o = [p.detach() for p in online_params]
+    if len(t) != len(o):
+        raise ValueError(f"ema_update: {len(t)} target params but {len(o)} online params")
+    if t:
+        torch._foreach_lerp_(t, o, 1.0 - m)
 
 
 def select_targets(h: Tensor, masks_pred: Tensor) -> tuple[Tensor, Tensor]:
