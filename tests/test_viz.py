@@ -118,15 +118,22 @@ def test_mask_overlay_grid_normalized_scenes(tiny_cfg, scenes_u8, tmp_path):
     _png(viz.mask_overlay_grid(_normalize(scenes_u8), enc, pred, (4, 4), tmp_path / "sub" / "m.png"))
 
 
-def test_mask_strategies_figure_every_strategy_even_if_min_keep_infeasible(tiny_cfg, tmp_path):
+def test_mask_strategies_figure_every_strategy_even_if_min_keep_infeasible(tiny_cfg, tmp_path, monkeypatch):
     from dataclasses import replace
 
     cfg = replace(tiny_cfg.mask, min_keep=10)  # rasterized keeps 4 on a 4x4 grid: infeasible as given
     with pytest.raises(ValueError):
         MaskSampler(replace(cfg, strategy="rasterized"), (4, 4))
+    figures, save = [], viz._save
+    monkeypatch.setattr(viz, "_save", lambda fig, path: figures.append(fig) or save(fig, path))
     rgb = _png(viz.mask_strategies_figure(cfg, (4, 4), tmp_path / "strategies.png", n=3))
     assert rgb.shape[0] > rgb.shape[1] * 0.8, "one row per strategy: taller than a single row"
-    assert len(MASK_STRATEGIES) == 4
+    (fig,) = figures
+    assert len(fig.axes) == 3 * len(MASK_STRATEGIES)  # n = 3 samples in each row
+    labels = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]  # the first axes of each row
+    assert [label.split("\n")[0] for label in labels] == list(MASK_STRATEGIES)  # every strategy once, in order
+    rows = dict(zip(MASK_STRATEGIES, labels, strict=True))
+    assert "(min_keep=1)" in rows["rasterized"] and "(min_keep=1)" not in rows["multiblock"]
 
 
 # ------------------------------------------------------------------------------------------- curves
