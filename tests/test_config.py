@@ -1,5 +1,6 @@
 """params.yaml -> typed config: the committed file loads, every preset builds, bad values are rejected."""
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ENCODER_PRESETS, Config, ConfigError, from_dict, load_config
+from pipeline.config import ENCODER_PRESETS, ConfigError, from_dict, load_config
 from pipeline.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +40,11 @@ def test_explicit_value_beats_preset():
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_every_preset_builds(preset):
-    assert isinstance(from_dict({"preset": preset}), Config)
+def test_every_preset_sets_exactly_its_keys(preset):
+    cfg = from_dict({"preset": preset})
+    for dotted, value in PRESETS[preset].items():
+        assert functools.reduce(getattr, dotted.split("."), cfg) == value, dotted
+    assert cfg == from_dict({}).replace(preset=preset, **PRESETS[preset])  # every other key: the default
 
 
 @pytest.mark.parametrize("name", sorted(ENCODER_PRESETS))
