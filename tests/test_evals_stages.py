@@ -1,11 +1,13 @@
 """Every evaluation stage end to end on tiny exported data, and the bad inputs that must fail cleanly."""
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -17,6 +19,7 @@ from pipeline.models.encoder import build_encoder
 from pipeline.models.io import save_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 FAST = {"eval_linear.epochs": 5, "eval_semi.epochs": 5, "eval_clevr.epochs": 5, "eval_depth.epochs": 3,
         "eval_linear.attentive_epochs": 3, "eval_semi.attentive_epochs": 3, "eval_clevr.attentive_epochs": 3,
         "eval_depth.num_bins": 16, "mlflow.system_metrics": False}
@@ -89,6 +92,35 @@ def test_every_stage_end_to_end(cfg, eval_data, tmp_path):
         set(table.index.get_level_values(0))
     assert (tmp_path / "reports" / "evals.md").is_file() and (tmp_path / "reports" / "evals.csv").is_file()
     assert {"pretrain", "eval_linear", "eval_semi", "eval_clevr", "eval_depth", "report"} <= set(run_names(cfg))
+
+
+def test_eval_linear_and_report_through_the_stage_clis(cfg, eval_data, tmp_path):
+    """The default run's end-to-end check of the evaluation stages (the slow test above runs all of them in
+    process): `python -m stages.eval_linear` then `stages.report` as DVC runs them, in a repo root of their own,
+    writing what dvc.yaml declares and logging child runs of the pretrain run."""
+    cfg = cfg.replace(**{"data.root": str(eval_data), "eval_linear.lrs": [0.01], "eval_linear.weight_decays": [0.0]})
+    with tracking.pipeline_run(cfg, "pretrain", root=tmp_path) as run:
+        tracking.write_run_id(run.info.run_id, Path(cfg.pretrain.out_dir) / "run_id.txt")
+    doc = json.loads(json.dumps(cfg.to_dict(), default=list))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+    for stage in ("eval_linear", "report"):
+        proc = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, proc.stderr
+        declared = [next(iter(o)) if isinstance(o, dict) else o
+                    for key in ("outs", "metrics") for o in STAGES[stage].get(key, [])]
+        assert declared and all((tmp_path / f).is_file() for f in declared), (stage, declared)
+    m = json.loads((tmp_path / "metrics" / "eval_linear.json").read_text())
+    assert {"ijepa", "random", "paired", "pixels", "diagnostics"} <= set(m)
+    table = pd.read_csv(tmp_path / "reports" / "evals.csv", index_col=[0, 1])
+    for view in ("last", "last4"):
+        row = table.loc[("linear", "top1")]
+        assert row[f"ijepa.{view}"] == pytest.approx(m["ijepa"][view]["top1"], abs=1e-4)
+        assert row[f"margin.{view}"] == pytest.approx(m["ijepa"][view]["top1"] - m["random"][view]["top1"], abs=1e-3)
+        assert row[f"p.{view}"] == pytest.approx(m["paired"][view]["top1"]["p_value"], rel=1e-5)
+    assert table.loc[("linear", "top1"), "baseline"] == pytest.approx(m["pixels"]["top1"], abs=1e-4)
+    assert (tmp_path / "reports" / "evals.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(run_names(cfg)) == ["eval_linear", "pretrain", "report"]
 
 
 def test_architecture_mismatch_names_both_and_writes_nothing(cfg, tmp_path):
