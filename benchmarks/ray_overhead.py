@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/ray_overhead.py` from the root
 
-from pipeline import launch  # noqa: E402
+from pipeline import ray_train  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.train import RandomImages, load_checkpoint, set_threads, train_worker  # noqa: E402
 
@@ -59,9 +59,9 @@ def main() -> None:
     bare_wall = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    launch.init_ray(cfg.ray)
+    ray_train.init_ray(cfg.ray)
     t_init = time.perf_counter() - t0
-    result = launch.build_trainer(cfg, data, "ray-overhead", tmp).fit()
+    result = ray_train.build_trainer(cfg, data, "ray-overhead", tmp).fit()
     ray_wall = time.perf_counter() - t0
     history = load_checkpoint(result.checkpoint.path)["history"]
 
@@ -76,7 +76,7 @@ def main() -> None:
         "ray_startup_s": round(ray_wall - args.steps * args.batch / ray_ips, 1),
         "target_overhead": TARGET, "meets_target": overhead < TARGET,
     }), flush=True)
-    launch.shutdown_ray()
+    ray_train.shutdown_ray()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ I-JEPA against VICReg / SIGReg) as one Ray Tune sweep: search space, per-epoch s
 
     run(cfg, root) -> summary       the sweep stage: validate, run (or resume) the trials, write the outputs
 
-Each trial is a short pretraining with the pretrain stage's own loop (`pipeline.launch.build_trainer`),
+Each trial is a short pretraining with the pretrain stage's own loop (`pipeline.ray_train.build_trainer`),
 its mask keys and `optim.reg` replaced by the trial's values (`trial_config`), for `tune.epochs` epochs.
 After every epoch rank 0 scores the target encoder (`ProbeScore`): a linear probe on the pooled features of the 1%
 train list, top-1 on val (`probe_top1`, what ASHA compares, higher is better) and RankMe of the val
@@ -21,7 +21,7 @@ refused before any trial starts (`check_resources`).
 Outputs (relative to root): reports/sweep.csv, reports/sweep.md, reports/sweep.png (score vs target and
 context scale), reports/sweep_masks.png (the strategies), metrics/sweep.json (the best trial); all are
 logged to the sweep's parent MLflow run, each trial being a child run with its mask settings as params.
-Nothing here imports Ray (`pipeline.launch` does).
+Nothing here imports Ray (`pipeline.ray_tune` does).
 """
 
 from __future__ import annotations
@@ -288,7 +288,7 @@ def run(cfg: Config, root: str | Path | None = None, dataset_fn: Callable[[], Da
     data; tests pass tiny ones. Bad input (an empty axis, a resource the cluster lacks, missing data, an
     unreachable MLflow) fails in one line before any trial starts.
     """
-    from pipeline import launch, tracking  # lazy: Ray and MLflow only for a real run
+    from pipeline import ray_tune, tracking  # lazy: Ray and MLflow only for a real run
     from pipeline.train import pretrain_dataset
 
     root = Path(root or Path.cwd()).resolve()
@@ -302,10 +302,11 @@ def run(cfg: Config, root: str | Path | None = None, dataset_fn: Callable[[], Da
     probe_data_fn = probe_data_fn or functools.partial(probe_datasets, cfg, str(root))
     dataset_fn()  # missing data: one line here, not inside a Ray worker
     probe_data_fn()
-    trials, parent_run_id = launch.tune_sweep(
-        cfg, root, sweep_name(cfg), space=search_axes(cfg.tune), trial_config=trial_config, dataset_fn=dataset_fn,
-        epoch_end=ProbeScore(cfg, probe_data_fn), check_resources=check_resources, label=trial_label,
-        metric=SCORE, driver_resources={"CPU": CPU_TRIAL_DRIVER}, history_keys=HISTORY_KEYS)
+    spec = ray_tune.SweepSpec(name=sweep_name(cfg), space=search_axes(cfg.tune), trial_config=trial_config,
+                              label=trial_label, concurrency=check_resources, dataset_fn=dataset_fn,
+                              score=ProbeScore(cfg, probe_data_fn), metric=SCORE, history_keys=HISTORY_KEYS,
+                              driver_resources={"CPU": CPU_TRIAL_DRIVER})
+    trials, parent_run_id = ray_tune.tune_sweep(cfg, root, spec)
     grid = (cfg.data.image_size // cfg.model.patch_size,) * 2
     out = write_outputs(cfg, root, trials, grid)
     with tracking.pipeline_run(cfg, "sweep", run_id=parent_run_id, root=root):

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from pipeline.cli import run_stage
 from pipeline.config import Config
-from pipeline.launch import pretrain
+from pipeline.pretrain import run
 
 
 def main(cfg: Config) -> None:
-    pretrain(cfg, Path.cwd())
+    run(cfg, Path.cwd())
 
 
 if __name__ == "__main__":

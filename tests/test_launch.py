@@ -1,5 +1,6 @@
-"""Pretraining through Ray Train (pipeline.launch): end to end on 2 CPU workers; slow: a worker killed by
-PID, resume after the whole process was killed, NaN stop, a 2-node cluster. MLflow errors before Ray."""
+"""Pretraining through Ray Train (pipeline.pretrain on pipeline.ray_train): end to end on 2 CPU workers; slow: a
+worker killed by PID, resume after the whole process was killed, NaN stop, a 2-node cluster. MLflow errors before
+Ray."""
 
 import functools
 import json
@@ -19,7 +20,7 @@ import torch
 import yaml
 from conftest import wait_for
 
-from pipeline import launch, tracking
+from pipeline import pretrain, ray_train, tracking
 from pipeline.errors import PipelineError
 from pipeline.models.io import load_encoder
 from pipeline.train import CURVE_COLUMNS, RandomImages
@@ -44,11 +45,11 @@ def images(n=96):
 
 
 def checkpoints(cfg):
-    return sorted(Path(cfg.ray.storage_path, launch.run_name(cfg)).glob("checkpoint_*"))
+    return sorted(Path(cfg.ray.storage_path, pretrain.run_name(cfg)).glob("checkpoint_*"))
 
 
 def registered_checkpoints(cfg):
-    f = Path(cfg.ray.storage_path, launch.run_name(cfg), "checkpoint_manager_snapshot.json")
+    f = Path(cfg.ray.storage_path, pretrain.run_name(cfg), "checkpoint_manager_snapshot.json")
     try:
         return json.loads(f.read_text())["checkpoint_results"]
     except (OSError, ValueError, KeyError):
@@ -57,16 +58,16 @@ def registered_checkpoints(cfg):
 
 def worker_pid(cfg, rank):
     """The PID of this run's worker `rank`, as the worker wrote it (never a process of another Ray)."""
-    f = Path(cfg.ray.storage_path, launch.run_name(cfg), launch.PID_DIR, f"rank-{rank}.pid")
+    f = Path(cfg.ray.storage_path, pretrain.run_name(cfg), ray_train.PID_DIR, f"rank-{rank}.pid")
     return int(f.read_text()) if f.is_file() else None
 
 
 def check_outputs(cfg, root, metrics, steps):
     assert metrics["steps"] == steps
-    history = pd.read_csv(root / launch.CURVE_CSV)
+    history = pd.read_csv(root / pretrain.CURVE_CSV)
     assert list(history.columns) == list(CURVE_COLUMNS)
     assert history["step"].tolist() == list(range(1, steps + 1))  # nothing repeated, nothing lost
-    on_disk = json.loads((root / launch.METRICS_JSON).read_text())
+    on_disk = json.loads((root / pretrain.METRICS_JSON).read_text())
     assert on_disk["final_loss"] == history["loss"].iloc[-1] and on_disk["steps"] == steps
     encoder = load_encoder(Path(cfg.pretrain.out_dir) / "encoder")
     assert encoder.num_patches == (cfg.data.image_size // cfg.model.patch_size) ** 2
@@ -77,14 +78,14 @@ def test_unreachable_mlflow_fails_before_ray_starts(tiny_cfg, tmp_path):
     RAY.shutdown()
     cfg = tiny(tiny_cfg, **{"mlflow.tracking_uri": "http://127.0.0.1:9"})
     with pytest.raises(PipelineError, match="127.0.0.1:9"):
-        launch.pretrain(cfg, tmp_path, dataset_fn=images())
+        pretrain.run(cfg, tmp_path, dataset_fn=images())
     assert not RAY.is_initialized()
 
 
 def test_run_name_follows_what_the_run_learns(tiny_cfg):
-    name = launch.run_name(tiny_cfg)
-    assert launch.run_name(tiny_cfg.replace(**{"ray.num_workers": 1, "mlflow.experiment": "x"})) == name
-    assert launch.run_name(tiny_cfg.replace(**{"mask.num_targets": 2})) != name
+    name = pretrain.run_name(tiny_cfg)
+    assert pretrain.run_name(tiny_cfg.replace(**{"ray.num_workers": 1, "mlflow.experiment": "x"})) == name
+    assert pretrain.run_name(tiny_cfg.replace(**{"mask.num_targets": 2})) != name
 
 
 def run_killing_worker_1(cfg, root, kill):
@@ -102,7 +103,7 @@ def run_killing_worker_1(cfg, root, kill):
     killer = threading.Thread(target=kill_one_worker, daemon=True)
     if kill:
         killer.start()
-    metrics = launch.pretrain(cfg, root, dataset_fn=images())
+    metrics = pretrain.run(cfg, root, dataset_fn=images())
     if kill:
         killer.join(timeout=5)
         assert killed, "no Ray Train worker was found to kill"
@@ -135,10 +136,10 @@ def test_two_workers_end_to_end(tiny_cfg, tmp_path):
     assert info.metadata["mlflow_run_id"] == run_id and info.metadata["image_size"] == cfg.data.image_size
 
     # Same params again: not retrained, same MLflow run, outputs written again.
-    (tmp_path / launch.METRICS_JSON).unlink()
-    again = launch.pretrain(cfg, tmp_path, dataset_fn=images())
+    (tmp_path / pretrain.METRICS_JSON).unlink()
+    again = pretrain.run(cfg, tmp_path, dataset_fn=images())
     assert not again["retrained"] and again["mlflow_run_id"] == run_id
-    assert json.loads((tmp_path / launch.METRICS_JSON).read_text())["steps"] == 12
+    assert json.loads((tmp_path / pretrain.METRICS_JSON).read_text())["steps"] == 12
 
 
 @pytest.mark.slow
@@ -152,9 +153,9 @@ def test_a_killed_worker_is_replaced_and_training_continues(tiny_cfg, tmp_path):
 SCRIPT = """
 import functools, sys
 from pipeline.config import load_config
-from pipeline.launch import pretrain
+from pipeline.pretrain import run
 from pipeline.train import RandomImages
-pretrain(load_config(sys.argv[1]), sys.argv[2], dataset_fn=functools.partial(RandomImages, 96, 32))
+run(load_config(sys.argv[1]), sys.argv[2], dataset_fn=functools.partial(RandomImages, 96, 32))
 """
 
 
@@ -171,10 +172,10 @@ def test_rerun_after_the_whole_process_was_killed_resumes(tiny_cfg, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
-    state = json.loads((Path(cfg.ray.storage_path) / launch.run_name(cfg) / launch.STATE_FILE).read_text())
+    state = json.loads((Path(cfg.ray.storage_path) / pretrain.run_name(cfg) / ray_train.STATE_FILE).read_text())
     assert state["status"] == "running"
 
-    metrics = launch.pretrain(cfg, tmp_path, dataset_fn=images())
+    metrics = pretrain.run(cfg, tmp_path, dataset_fn=images())
     assert metrics["resumed_from_step"] > 0 and metrics["mlflow_run_id"] == state["mlflow_run_id"]
     check_outputs(cfg, tmp_path, metrics, steps=24)
 
@@ -183,7 +184,7 @@ def test_rerun_after_the_whole_process_was_killed_resumes(tiny_cfg, tmp_path):
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path):
     cfg = tiny(tiny_cfg, **{"optim.lr": 1e30, "optim.start_lr": 1e30, "optim.warmup_epochs": 0.0})
     with pytest.raises(PipelineError, match=r"not finite at step \d+") as err:
-        launch.pretrain(cfg, tmp_path, dataset_fn=images())
+        pretrain.run(cfg, tmp_path, dataset_fn=images())
     assert "\n" not in str(err.value)
     assert not (Path(cfg.pretrain.out_dir) / "encoder").exists()
 
@@ -191,7 +192,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_cf
 @pytest.mark.slow
 def test_two_node_cluster_spreads_the_workers(tiny_cfg, tmp_path, monkeypatch):
     RAY.shutdown()
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # what launch.init_ray sets for a driver joining a cluster
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # what ray_train sets for a driver joining a cluster
     port = 26379
     # Each node's first worker samples its system metrics; every second here (a short run), set before the
     # nodes start since their workers inherit the nodes' environment.
@@ -210,10 +211,10 @@ def test_two_node_cluster_spreads_the_workers(tiny_cfg, tmp_path, monkeypatch):
         nodes.append(subprocess.Popen([ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
                                        "--node-ip-address=127.0.0.2", "--block"], env=env))
         cfg = tiny(tiny_cfg, **{"ray.address": f"127.0.0.1:{port}", "mlflow.system_metrics": True})
-        launch.init_ray(cfg.ray)
+        ray_train.init_ray(cfg.ray)
         assert wait_for(lambda: sum(n["Alive"] for n in RAY.nodes()) == 2, timeout=120)
         # Two workers of one CPU each on two one-CPU nodes: one worker per node.
-        metrics = launch.pretrain(cfg, tmp_path, dataset_fn=images())
+        metrics = pretrain.run(cfg, tmp_path, dataset_fn=images())
         run_id = check_outputs(cfg, tmp_path, metrics, steps=12)
         # System metrics per node, under MLflow's node id (the driver samples nothing of its own).
         run = mlflow.get_run(run_id)

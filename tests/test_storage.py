@@ -1,6 +1,6 @@
-"""Run storage on an object store (pipeline.storage, pipeline.launch), against a real S3-compatible server
-(moto_server on 127.0.0.1, fixture `s3_bucket`): the helpers on s3:// and on a local folder, a missing
-bucket as one line before Ray starts; slow: a pretrain whose checkpoints and state live only in the bucket
+"""Run storage on an object store (pipeline.storage, pipeline.pretrain, pipeline.ray_tune), against a real
+S3-compatible server (moto_server on 127.0.0.1, fixture `s3_bucket`): the helpers on s3:// and on a local folder,
+a missing bucket as one line before Ray starts; slow: a pretrain whose checkpoints and state live only in the bucket
 (re-exported from there), the driver killed mid-run and the rerun resuming from the bucket."""
 
 import json
@@ -17,7 +17,7 @@ import torch
 import yaml
 from test_launch import SCRIPT, check_outputs, images, tiny, wait_for  # the local-storage twins of these tests
 
-from pipeline import launch, storage
+from pipeline import pretrain, ray_train, ray_tune, storage
 from pipeline.errors import PipelineError
 from pipeline.models.io import load_encoder
 
@@ -76,17 +76,17 @@ def tiny_s3(tiny_cfg, bucket, **over):
 @pytest.mark.slow  # ~50 s on 2 cores, most of it Ray's start and its controller's teardown
 def test_pretrain_checkpoints_to_s3_and_exports_from_there(tiny_cfg, s3_bucket, ray_fresh, tmp_path):
     cfg = tiny_s3(tiny_cfg, s3_bucket, **{"pretrain.epochs": 1})  # 6 steps, a checkpoint every 2
-    metrics = launch.pretrain(cfg, tmp_path, dataset_fn=images())
+    metrics = pretrain.run(cfg, tmp_path, dataset_fn=images())
     assert metrics["retrained"]
     check_outputs(cfg, tmp_path, metrics, steps=6)
     assert not (tmp_path / "ray_results").exists()
 
-    run = f"{s3_bucket}/ray_results/{launch.run_name(cfg)}"
+    run = f"{s3_bucket}/ray_results/{pretrain.run_name(cfg)}"
     objects = listing(run)
-    assert {launch.STATE_FILE, f"{launch.PID_DIR}/rank-0.pid", f"{launch.PID_DIR}/rank-1.pid"} <= set(objects)
+    assert {ray_train.STATE_FILE, f"{ray_train.PID_DIR}/rank-0.pid", f"{ray_train.PID_DIR}/rank-1.pid"} <= set(objects)
     kept = {p.split("/")[0] for p in objects if p.startswith("checkpoint_") and "/" in p}
     assert len(kept) == cfg.pretrain.num_to_keep
-    state = json.loads(storage.read_text(f"{run}/{launch.STATE_FILE}"))
+    state = json.loads(storage.read_text(f"{run}/{ray_train.STATE_FILE}"))
     assert state["status"] == "finished" and state["checkpoint"].startswith(f"{run}/checkpoint_")
 
     # Finished: not retrained; the encoder is exported again from the checkpoint in the bucket.
@@ -95,7 +95,7 @@ def test_pretrain_checkpoints_to_s3_and_exports_from_there(tiny_cfg, s3_bucket, 
     before = load_encoder(encoder_dir)(x)
     for f in encoder_dir.iterdir():
         f.unlink()
-    again = launch.pretrain(cfg, tmp_path, dataset_fn=images())
+    again = pretrain.run(cfg, tmp_path, dataset_fn=images())
     assert not again["retrained"] and again["mlflow_run_id"] == metrics["mlflow_run_id"] and again["steps"] == 6
     torch.testing.assert_close(load_encoder(encoder_dir)(x), before)
 
@@ -103,7 +103,7 @@ def test_pretrain_checkpoints_to_s3_and_exports_from_there(tiny_cfg, s3_bucket, 
 def test_a_missing_bucket_is_one_line_before_ray_starts(tiny_cfg, s3_bucket, ray_fresh, tmp_path):
     cfg = tiny_s3(tiny_cfg, "s3://no-such-bucket-here")
     with pytest.raises(PipelineError) as err:
-        launch.pretrain(cfg, tmp_path, dataset_fn=images())
+        pretrain.run(cfg, tmp_path, dataset_fn=images())
     assert str(err.value) == ("ray.storage_path = 's3://no-such-bucket-here/ray_results': there is no bucket "
                               "'no-such-bucket-here'; create the bucket or set AWS_ENDPOINT_URL / "
                               "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
@@ -113,7 +113,7 @@ def test_a_missing_bucket_is_one_line_before_ray_starts(tiny_cfg, s3_bucket, ray
 @pytest.mark.slow
 def test_rerun_after_the_driver_was_killed_resumes_from_s3(tiny_cfg, s3_bucket, ray_fresh, tmp_path):
     cfg = tiny_s3(tiny_cfg, s3_bucket, **{"pretrain.epochs": 4})  # 24 steps
-    run = f"{s3_bucket}/ray_results/{launch.run_name(cfg)}"
+    run = f"{s3_bucket}/ray_results/{pretrain.run_name(cfg)}"
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=list))))
     # The driver (and the local Ray it starts) inherits the AWS_* variables that point at the server.
@@ -128,10 +128,10 @@ def test_rerun_after_the_driver_was_killed_resumes_from_s3(tiny_cfg, s3_bucket, 
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
-    state = json.loads(storage.read_text(f"{run}/{launch.STATE_FILE}"))
+    state = json.loads(storage.read_text(f"{run}/{ray_train.STATE_FILE}"))
     assert state["status"] == "running"
 
-    metrics = launch.pretrain(cfg, tmp_path, dataset_fn=images())
+    metrics = pretrain.run(cfg, tmp_path, dataset_fn=images())
     assert metrics["resumed_from_step"] > 0 and metrics["mlflow_run_id"] == state["mlflow_run_id"]
     check_outputs(cfg, tmp_path, metrics, steps=24)  # every step exactly once in the history
     assert not (tmp_path / "ray_results").exists()
@@ -151,8 +151,8 @@ def test_sweep_keeps_its_trials_in_s3(tiny_cfg, s3_bucket, ray_fresh, tmp_path):
     summary = sweep.run(cfg, tmp_path)
     assert len(pd.read_csv(tmp_path / sweep.CSV)) == 2 and not (tmp_path / "ray_results").exists()
     exp = f"{s3_bucket}/ray_results/{sweep.sweep_name(cfg)}"
-    state = json.loads(storage.read_text(f"{exp}/{launch.STATE_FILE}"))
+    state = json.loads(storage.read_text(f"{exp}/{ray_train.STATE_FILE}"))
     assert state["status"] == "finished" and state["mlflow_run_id"] == summary["mlflow_run_id"]
     ids = {t["trial_id"]: t["mlflow_run_id"] for t in state["trials"]}
     assert len(ids) == 2 and all(ids.values())  # each read back from trials/<id>/ in the bucket
-    assert {f"trials/{t}/{launch.TRIAL_RUN_ID}" for t in ids} <= set(listing(exp))
+    assert {f"trials/{t}/{ray_tune.TRIAL_RUN_ID}" for t in ids} <= set(listing(exp))

@@ -1,4 +1,4 @@
-"""The masking sweep (pipeline.sweep + launch.tune_sweep): search space, trial configs, per-epoch probe score,
+"""The masking sweep (pipeline.sweep + ray_tune.tune_sweep): search space, trial configs, per-epoch probe score,
 result table and outputs, one-line rejections before any trial; slow: a 2-trial sweep end to end on Ray with
 MLflow parent/child runs, a finished sweep read back, and resume after the driver was killed."""
 

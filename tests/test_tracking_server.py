@@ -34,7 +34,7 @@ from mlflow.tracking import MlflowClient
 
 from evals import linear
 from evals.common import flatten
-from pipeline import launch, tracking
+from pipeline import pretrain, ray_train, tracking
 from pipeline.errors import PipelineError
 from pipeline.models.io import load_encoder
 from pipeline.train import RandomImages
@@ -177,7 +177,7 @@ def s3_keys(srv) -> list[str]:
 def test_pretrain_and_evaluation_log_into_postgres_and_s3(server, tiny_cfg, eval_data, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # before Ray starts: workers inherit it
     cfg = server_cfg(tiny_cfg, server, **{"data.root": str(eval_data), "mlflow.register_model": True})
-    metrics = launch.pretrain(cfg, tmp_path, dataset_fn=IMAGES)
+    metrics = pretrain.run(cfg, tmp_path, dataset_fn=IMAGES)
     assert metrics["retrained"] and metrics["steps"] == 12
     evaluated = linear.run(cfg, tmp_path)
 
@@ -233,7 +233,7 @@ def test_server_gone_mid_run_training_finishes_and_a_rerun_logs_the_rest(server,
     cfg = server_cfg(tiny_cfg, server, **{"pretrain.epochs": 3})  # 18 steps
     steps = list(range(1, 19))
     client = MlflowClient(server.uri)
-    state_file = Path(cfg.ray.storage_path) / launch.run_name(cfg) / launch.STATE_FILE
+    state_file = Path(cfg.ray.storage_path) / pretrain.run_name(cfg) / ray_train.STATE_FILE
     stopped_after: list[int] = []
 
     def stop_server_after_step_2():
@@ -250,7 +250,7 @@ def test_server_gone_mid_run_training_finishes_and_a_rerun_logs_the_rest(server,
     stopper.start()
     try:
         with pytest.raises(PipelineError) as err:
-            launch.pretrain(cfg, tmp_path, dataset_fn=IMAGES)
+            pretrain.run(cfg, tmp_path, dataset_fn=IMAGES)
         stopper.join(timeout=10)
         assert stopped_after and stopped_after[0] < len(steps), "the server was not stopped during training"
         # Training finished, the local outputs are written, and the one-line error names the server.
@@ -258,7 +258,7 @@ def test_server_gone_mid_run_training_finishes_and_a_rerun_logs_the_rest(server,
         assert "\n" not in msg and server.uri in msg and "rerun the stage" in msg
         state = json.loads(state_file.read_text())
         assert state["status"] == "finished" and state["summary"]["finished"]
-        assert json.loads((tmp_path / launch.METRICS_JSON).read_text())["steps"] == len(steps)
+        assert json.loads((tmp_path / pretrain.METRICS_JSON).read_text())["steps"] == len(steps)
         assert (Path(cfg.pretrain.out_dir) / "encoder").is_dir()
         unsent = state_file.parent / tracking.UNSENT_FILE
         kept = [json.loads(line) for line in unsent.read_text().splitlines()]
@@ -276,7 +276,7 @@ def test_server_gone_mid_run_training_finishes_and_a_rerun_logs_the_rest(server,
     # Back up: the same run reopened, not trained again; the kept batches replayed, the outputs logged.
     on_server = {m.step for m in client.get_metric_history(state["mlflow_run_id"], "loss")}
     assert on_server | kept_steps == set(steps)
-    again = launch.pretrain(cfg, tmp_path, dataset_fn=IMAGES)
+    again = pretrain.run(cfg, tmp_path, dataset_fn=IMAGES)
     assert not again["retrained"] and again["mlflow_run_id"] == state["mlflow_run_id"]
     assert not unsent.exists()
     run = client.get_run(state["mlflow_run_id"])
