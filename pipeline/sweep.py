@@ -1,15 +1,15 @@
 """Masking ablations (the paper's Tables 6, 8-10) and the anti-collapse regulariser (`tune.reg`: paper
-I-JEPA against VICReg / SIGReg) as one Ray Tune sweep: search space, per-epoch score, table.
+I-JEPA against VICReg / SIGReg) as one Ray Tune sweep: search space, trial configs, table.
 
-    run(cfg, root) -> summary       the sweep stage: validate, run (or resume) the trials, write the outputs
+    run(cfg, root, score, to_markdown) -> summary   the sweep stage: validate, run (or resume), write outputs
 
 Each trial is a short pretraining with the pretrain stage's own loop (`pipeline.ray_train.build_trainer`),
 its mask keys and `optim.reg` replaced by the trial's values (`trial_config`), for `tune.epochs` epochs.
-After every epoch rank 0 scores the target encoder (`ProbeScore`): a linear probe on the pooled features of the 1%
-train list, top-1 on val (`probe_top1`, what ASHA compares, higher is better) and RankMe of the val
-features (`val_rankme`, label-free). A sweep is named by the hash of the tune, training and 1%-probe
-sections (`sweep_name`); rerunning the stage resumes an interrupted sweep and only rewrites the outputs
-of a finished one.
+After every epoch rank 0 scores the target encoder with the `score` the stage passes in
+(`evals.sweep_score.ProbeScore`): a linear probe on the pooled features of the 1% train list, top-1 on
+val (`probe_top1`, what ASHA compares, higher is better) and RankMe of the val features (`val_rankme`,
+label-free). A sweep is named by the hash of the tune, training and 1%-probe sections (`sweep_name`);
+rerunning the stage resumes an interrupted sweep and only rewrites the outputs of a finished one.
 
 Resources. `tune.resources_per_trial` is what one trial's TorchTrainer workers hold together: each of the
 `ray.num_workers` workers asks for an equal share (on 2 cores the default {CPU: 1} over 2 workers gives
@@ -21,7 +21,7 @@ refused before any trial starts (`check_resources`).
 Outputs (relative to root): reports/sweep.csv, reports/sweep.md, reports/sweep.png (score vs target and
 context scale), reports/sweep_masks.png (the strategies), metrics/sweep.json (the best trial); all are
 logged to the sweep's parent MLflow run, each trial being a child run with its mask settings as params.
-Nothing here imports Ray (`pipeline.ray_tune` does).
+Nothing here imports Ray (`pipeline.ray_tune` does) or the evaluations (the stage passes them in).
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -42,7 +41,6 @@ from torch.utils.data import Dataset
 from pipeline.atomic import atomic_write
 from pipeline.config import Config, TuneConfig
 from pipeline.errors import PipelineError
-from pipeline.metrics import rankme
 
 SCORE = "probe_top1"  # ASHA's metric (mode max): 1% linear probe top-1 on val, in %
 # The keys a trial sets: search axis -> the dotted config key it replaces.
@@ -133,41 +131,14 @@ def trial_label(params: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------- the score
 
 
-def probe_datasets(cfg: Config, root: str | Path) -> tuple[Dataset, Dataset]:
-    """(1% train list, val) of the ImageNet-format data, eval transform: the label-efficient probe's data."""
-    from evals.linear import imagenet_splits  # lazy: torchvision
+class EpochScore(Protocol):
+    """The trials' per-epoch score, `(model, epoch) -> {SCORE, "probe_top5", "val_rankme"}` (rank 0, after
+    each epoch; `evals.sweep_score.ProbeScore`). Picklable: it travels to the Ray workers."""
 
-    return imagenet_splits(cfg, Path(root), subset=True)
+    def check(self) -> None:
+        """Load what it scores on, once, in the driver: missing data fails before any trial starts."""
 
-
-@dataclass
-class ProbeScore:
-    """`(model, epoch) -> {"probe_top1", "probe_top5", "val_rankme"}`: the trial's per-epoch score.
-
-    The target encoder's pooled last-layer features (D,) of the 1% train images train a linear probe
-    (`cfg.eval_semi`'s grid); top-1/top-5 on val in %. RankMe is the effective rank of the val features
-    (n_val, D). Picklable (it travels to the Ray worker); the datasets load there, once.
-    """
-
-    cfg: Config
-    data_fn: Callable[[], tuple[Dataset, Dataset]]
-    _data: tuple[Dataset, Dataset] | None = field(default=None, repr=False)
-
-    def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
-        from evals.features import extract  # lazy: the library's eval side, not needed to build a space
-        from evals.linear import num_classes
-        from evals.probe import linear_probe
-
-        if self._data is None:
-            self._data = self.data_fn()
-        train, val = self._data
-        encoder = model.target_encoder
-        bs = self.cfg.eval_semi.batch_size
-        ftr = extract(encoder, train, "pooled", batch_size=bs, desc=f"probe train (epoch {epoch})")
-        fva = extract(encoder, val, "pooled", batch_size=bs, desc=f"probe val (epoch {epoch})")
-        result = linear_probe(ftr["last"], ftr["y"], fva["last"], fva["y"], num_classes(train, ftr["y"]),
-                              self.cfg.eval_semi)
-        return {SCORE: result["top1"], "probe_top5": result["top5"], "val_rankme": rankme(fva["last"])}
+    def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]: ...
 
 
 # ----------------------------------------------------------------------------------------- the table
@@ -209,15 +180,9 @@ def _pair_values(s: str) -> tuple[float, float]:
     return float(a), float(b)
 
 
-def markdown(df: pd.DataFrame, title: str) -> str:
-    """The table as GitHub markdown, numbers to 4 significant digits."""
-    show = df.drop(columns=["mlflow_run_id"]).copy()
-    for c in show.columns:
-        if show[c].dtype.kind == "f":
-            show[c] = show[c].map(lambda v: "-" if v != v else f"{v:.4g}")
-    header = "| " + " | ".join(show.columns) + " |\n|" + "---|" * len(show.columns) + "\n"
-    body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in show.itertuples(index=False))
-    return f"# {title}\n\n{header}{body}"
+def _shown(df: pd.DataFrame) -> pd.DataFrame:
+    """The table as sweep.md shows it: one row per trial, indexed by it, without the MLflow run ids."""
+    return df.drop(columns=["mlflow_run_id"]).set_index("trial")
 
 
 def score_plot(df: pd.DataFrame, path: str | Path) -> Path:
@@ -260,16 +225,18 @@ def best_trial(df: pd.DataFrame) -> dict[str, Any]:
             "trials": len(df), "stopped_early": int(df["stopped_early"].sum())}
 
 
-def write_outputs(cfg: Config, root: Path, trials: Sequence[dict[str, Any]], grid: tuple[int, int]) -> dict[str, Any]:
-    """CSV, markdown, score plot, mask strategies figure and metrics JSON under `root`; returns the paths
-    (key -> Path) and the best-trial summary."""
+def write_outputs(cfg: Config, root: Path, trials: Sequence[dict[str, Any]], grid: tuple[int, int],
+                  to_markdown: Callable[[pd.DataFrame], str]) -> dict[str, Any]:
+    """CSV, markdown, score plot, mask strategies figure and metrics JSON under `root`; returns the table,
+    the best-trial summary and the files written. `to_markdown(table)`: the report's table format
+    (`evals.report.to_markdown`)."""
     from pipeline.viz import mask_strategies_figure
 
     df = results_table(trials, cfg.tune.epochs)
     title = f"I-JEPA masking sweep ({len(df)} trials, {cfg.tune.epochs} epochs each, {cfg.model.name}/" \
             f"{cfg.model.patch_size} at {cfg.data.image_size} px, search {cfg.tune.search})"
     csv = atomic_write(root / CSV, lambda p: df.to_csv(p, index=False))
-    md = atomic_write(root / MARKDOWN, lambda p: p.write_text(markdown(df, title)))
+    md = atomic_write(root / MARKDOWN, lambda p: p.write_text(f"# {title}\n\n" + to_markdown(_shown(df))))
     png = score_plot(df, root / PLOT)
     masks = mask_strategies_figure(cfg.mask, grid, root / MASKS)
     summary = best_trial(df)
@@ -280,13 +247,14 @@ def write_outputs(cfg: Config, root: Path, trials: Sequence[dict[str, Any]], gri
 # --------------------------------------------------------------------------------------------- stage
 
 
-def run(cfg: Config, root: str | Path | None = None, dataset_fn: Callable[[], Dataset] | None = None,
-        probe_data_fn: Callable[[], tuple[Dataset, Dataset]] | None = None) -> dict[str, Any]:
+def run(cfg: Config, root: str | Path | None, score: EpochScore, to_markdown: Callable[[pd.DataFrame], str],
+        dataset_fn: Callable[[], Dataset] | None = None) -> dict[str, Any]:
     """The sweep stage: run or resume the trials on Ray, write and log the outputs; returns the summary.
 
-    `dataset_fn` (pretraining images) and `probe_data_fn` ((1% train, val)) default to the configured
-    data; tests pass tiny ones. Bad input (an empty axis, a resource the cluster lacks, missing data, an
-    unreachable MLflow) fails in one line before any trial starts.
+    `score` rates each trial's epochs (`evals.sweep_score.probe_score(cfg, root)`; tests pass one on tiny
+    data); `to_markdown` formats reports/sweep.md (`write_outputs`). `dataset_fn` (pretraining images)
+    defaults to the configured data. Bad input (an empty axis, a resource the cluster lacks, missing data,
+    an unreachable MLflow) fails in one line before any trial starts.
     """
     from pipeline import ray_tune, tracking  # lazy: Ray and MLflow only for a real run
     from pipeline.train import pretrain_dataset
@@ -299,21 +267,19 @@ def run(cfg: Config, root: str | Path | None = None, dataset_fn: Callable[[], Da
     trial_config(cfg, {k: v[0] for k, v in search_axes(cfg.tune).items()})  # a bad combination fails here
     tracking.connect(cfg.mlflow, root)
     dataset_fn = dataset_fn or functools.partial(pretrain_dataset, cfg, str(root))
-    probe_data_fn = probe_data_fn or functools.partial(probe_datasets, cfg, str(root))
     dataset_fn()  # missing data: one line here, not inside a Ray worker
-    probe_data_fn()
+    score.check()
     spec = ray_tune.SweepSpec(name=sweep_name(cfg), space=search_axes(cfg.tune), trial_config=trial_config,
-                              label=trial_label, concurrency=check_resources, dataset_fn=dataset_fn,
-                              score=ProbeScore(cfg, probe_data_fn), metric=SCORE, history_keys=HISTORY_KEYS,
-                              driver_resources={"CPU": CPU_TRIAL_DRIVER})
+                              label=trial_label, concurrency=check_resources, dataset_fn=dataset_fn, score=score,
+                              metric=SCORE, history_keys=HISTORY_KEYS, driver_resources={"CPU": CPU_TRIAL_DRIVER})
     trials, parent_run_id = ray_tune.tune_sweep(cfg, root, spec)
     grid = (cfg.data.image_size // cfg.model.patch_size,) * 2
-    out = write_outputs(cfg, root, trials, grid)
+    out = write_outputs(cfg, root, trials, grid, to_markdown)
     with tracking.pipeline_run(cfg, "sweep", run_id=parent_run_id, root=root):
         summary = out["summary"]
         tracking.log_metrics({"best_" + SCORE: summary["best"][SCORE], "trials": summary["trials"],
                               "stopped_early": summary["stopped_early"]})
         for f in out["files"]:
             tracking.log_artifact(f)
-    print(markdown(out["table"], "sweep"))
+    print("# sweep\n\n" + to_markdown(_shown(out["table"])))
     return {**summary, "mlflow_run_id": parent_run_id, "sweep_name": sweep_name(cfg)}

@@ -140,7 +140,7 @@ def test_rerun_after_the_driver_was_killed_resumes_from_s3(tiny_cfg, s3_bucket, 
 @pytest.mark.slow
 def test_sweep_keeps_its_trials_in_s3(tiny_cfg, s3_bucket, ray_fresh, tmp_path):
     import pandas as pd
-    from test_sweep import on_ray
+    from test_sweep import on_ray, run_sweep
 
     from pipeline import sweep
     from pipeline.data import export_synthetic
@@ -148,7 +148,7 @@ def test_sweep_keeps_its_trials_in_s3(tiny_cfg, s3_bucket, ray_fresh, tmp_path):
     cfg = on_ray(tiny_cfg, tmp_path / "data", **{"ray.storage_path": f"{s3_bucket}/ray_results",
                                                  "data.synthetic.val_scenes": 32, "data.synthetic.processes": 1})
     export_synthetic(cfg.data, tmp_path / "data", progress=False)
-    summary = sweep.run(cfg, tmp_path)
+    summary = run_sweep(cfg, tmp_path)
     assert len(pd.read_csv(tmp_path / sweep.CSV)) == 2 and not (tmp_path / "ray_results").exists()
     exp = f"{s3_bucket}/ray_results/{sweep.sweep_name(cfg)}"
     state = json.loads(storage.read_text(f"{exp}/{ray_train.STATE_FILE}"))

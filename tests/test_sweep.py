@@ -1,4 +1,5 @@
-"""The masking sweep (pipeline.sweep + ray_tune.tune_sweep): search space, trial configs, per-epoch probe score,
+"""The masking sweep (pipeline.sweep + pipeline.ray_tune, scored by evals.sweep_score): search space, trial configs,
+per-epoch probe score,
 result table and outputs, one-line rejections before any trial; slow: a 2-trial sweep end to end on Ray with
 MLflow parent/child runs, a finished sweep read back, and resume after the driver was killed."""
 
@@ -16,6 +17,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from evals.report import to_markdown
+from evals.sweep_score import ProbeScore, probe_score
 from pipeline import sweep
 from pipeline.config import ConfigError, from_dict
 from pipeline.errors import PipelineError
@@ -40,6 +43,11 @@ def labelled(n_train=16, n_val=16, size=32, classes=4, seed=0):
         return TensorDataset(x, y)
 
     return make(n_train), make(n_val)
+
+
+def run_sweep(cfg, root):
+    """What the sweep stage runs: the 1% probe score on the configured data, the report's table format."""
+    return sweep.run(cfg, root, probe_score(cfg, root), to_markdown)
 
 
 # ------------------------------------------------------------------------------------- space and trials
@@ -114,7 +122,8 @@ def test_too_many_cpus_per_trial_is_one_line_and_concurrency_fits_the_cluster(ti
 def test_grace_longer_than_budget_fails_before_anything(tiny_cfg, tmp_path):
     cfg = tiny(tiny_cfg, **{"tune.asha_grace_epochs": 3})
     with pytest.raises(PipelineError, match="asha_grace_epochs = 3"):
-        sweep.run(cfg, tmp_path, dataset_fn=functools.partial(RandomImages, 32, 32), probe_data_fn=labelled)
+        sweep.run(cfg, tmp_path, ProbeScore(cfg, labelled), to_markdown,
+                  dataset_fn=functools.partial(RandomImages, 32, 32))
     assert not (tmp_path / "reports").exists()
 
 
@@ -131,7 +140,7 @@ def test_probe_score_joins_epoch_reports_without_changing_training(tiny_cfg):
         return [r for r in reports if "epoch" in r]
 
     plain = run(None)
-    scored = run(sweep.ProbeScore(cfg, labelled))
+    scored = run(ProbeScore(cfg, labelled))
     assert [r["epoch"] for r in scored] == [1, 2]
     for r in scored:
         assert 0 <= r[sweep.SCORE] <= 100 and 0 <= r["probe_top5"] <= 100 and r["val_rankme"] >= 1
@@ -165,7 +174,7 @@ def test_table_sorted_one_row_per_trial_with_early_stops(tiny_cfg, tmp_path):
     assert df.set_index("trial")["reg"].to_dict() == {"c": "vicreg", "a": "none", "b": "none", "d": "none"}
 
     cfg = tiny(tiny_cfg)
-    out = sweep.write_outputs(cfg, tmp_path, trials, (4, 4))
+    out = sweep.write_outputs(cfg, tmp_path, trials, (4, 4), to_markdown)
     for rel in (sweep.CSV, sweep.MARKDOWN, sweep.PLOT, sweep.MASKS, sweep.METRICS_JSON):
         assert (tmp_path / rel).is_file() and (tmp_path / rel).stat().st_size > 0, rel
     back = pd.read_csv(tmp_path / sweep.CSV)
@@ -220,7 +229,7 @@ def test_two_trial_sweep_end_to_end_then_read_back(tiny_cfg, tiny_data, tmp_path
 
     cfg = on_ray(tiny_cfg, tiny_data)
     try:
-        summary = sweep.run(cfg, tmp_path)
+        summary = run_sweep(cfg, tmp_path)
     finally:
         ray.shutdown()
     df = pd.read_csv(tmp_path / sweep.CSV)
@@ -243,18 +252,20 @@ def test_two_trial_sweep_end_to_end_then_read_back(tiny_cfg, tiny_data, tmp_path
 
     # Finished: the same params only rewrite the outputs (no Ray, the same parent run).
     (tmp_path / sweep.CSV).unlink()
-    again = sweep.run(cfg, tmp_path)
+    again = run_sweep(cfg, tmp_path)
     assert again["mlflow_run_id"] == summary["mlflow_run_id"] and not ray.is_initialized()
     assert pd.read_csv(tmp_path / sweep.CSV)["trial"].tolist() == df["trial"].tolist()
     assert len(mlflow_runs(cfg)) == 3
 
 
 SCRIPT = """
-import functools, sys
+import sys
+from evals.report import to_markdown
+from evals.sweep_score import probe_score
 from pipeline.config import load_config
 from pipeline import sweep
 cfg = load_config(sys.argv[1])
-sweep.run(cfg, sys.argv[2])
+sweep.run(cfg, sys.argv[2], probe_score(cfg, sys.argv[2]), to_markdown)
 """
 
 
@@ -284,7 +295,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_cfg, tiny_d
     import ray
 
     try:
-        sweep.run(cfg, tmp_path)
+        run_sweep(cfg, tmp_path)
     finally:
         ray.shutdown()
     df = pd.read_csv(tmp_path / sweep.CSV)
