@@ -10,7 +10,7 @@ process-local state (no counters, no global RNG), so a DataLoader or Ray worker 
 ``(seed, step)`` gets the same masks.
 
 A sampler, not a collate function: the masks depend on the step, which a DataLoader does not pass to its
-collate_fn. The pretraining's collate function, `pipeline.train.MaskCollate`, learns the step from its
+collate_fn. The pretraining's collate function, `pipeline.batches.StepCollate`, learns the step from its
 batch sampler and calls ``sample(global_batch, step)``; pictures, diagnostics and benchmarks call ``sample``.
 
 Equal lengths without positional bias: masks in a batch differ in size, but a tensor needs one length.

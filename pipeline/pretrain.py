@@ -31,12 +31,14 @@ from torch.utils.data import Dataset
 
 from pipeline import ray_train, storage, tracking
 from pipeline.atomic import atomic_write, atomic_write_text
+from pipeline.batches import heldout_images, pretrain_dataset
 from pipeline.config import Config
 from pipeline.diagnostics import DIAG_COLUMNS
 from pipeline.errors import PipelineError
 from pipeline.models.ijepa import build_ijepa
 from pipeline.models.io import encoder_meta, save_encoder
-from pipeline.train import CURVE_COLUMNS, heldout_images, load_checkpoint, pretrain_dataset
+from pipeline.train import CURVE_COLUMNS
+from pipeline.train_state import load_checkpoint
 from pipeline.viz import training_curves
 
 RUN_SECTIONS = ("data", "mask", "model", "optim", "pretrain")  # what a run learns from; not ray, not mlflow
@@ -60,7 +62,7 @@ def run(cfg: Config, root: str | Path | None = None, dataset_fn: Callable[[], Da
     """Pretrain on Ray (or resume, or re-export a finished run), write the outputs; return the summary.
 
     `dataset_fn` defaults to the ImageNet-format train split under `cfg.data` (tests pass a tiny one); the
-    diagnostics then run on held-out val images (`pipeline.train.heldout_images`).
+    diagnostics then run on held-out val images (`pipeline.batches.heldout_images`).
     Raises PipelineError before any training when MLflow or the storage is unreachable or the data is
     missing, and when the loss stops being finite (naming the step; the last good checkpoint stays in the
     storage).

@@ -37,7 +37,8 @@ from torch.utils.data import Dataset
 from pipeline import storage, tracking
 from pipeline.config import Config, RayConfig
 from pipeline.errors import PipelineError
-from pipeline.train import EpochEndFn, load_checkpoint, set_threads, train_worker
+from pipeline.train import EpochEndFn, set_threads, train_worker
+from pipeline.train_state import load_checkpoint
 
 STATE_FILE = "pipeline.json"  # in a run's (or a sweep's) Ray storage folder
 PID_DIR = "worker_pids"  # rank-<r>.pid of the current worker processes

@@ -257,7 +257,7 @@ def run(cfg: Config, root: str | Path | None, score: EpochScore, to_markdown: Ca
     an unreachable MLflow) fails in one line before any trial starts.
     """
     from pipeline import ray_tune, tracking  # lazy: Ray and MLflow only for a real run
-    from pipeline.train import pretrain_dataset
+    from pipeline.batches import pretrain_dataset
 
     root = Path(root or Path.cwd()).resolve()
     search_axes(cfg.tune)

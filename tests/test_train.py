@@ -1,25 +1,14 @@
-"""The per-worker pretraining loop, alone in one process (no Ray): data order, masks, resume, NaN stop."""
+"""The per-worker pretraining loop, alone in one process (no Ray): history, checkpoints, resume, NaN stop."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline.config import MaskConfig
 from pipeline.errors import PipelineError
-from pipeline.masks import MaskSampler
 from pipeline.schedules import Schedules, warmup_cosine
-from pipeline.train import (
-    CURVE_COLUMNS,
-    MaskCollate,
-    RandomImages,
-    StepBatches,
-    StepItems,
-    epoch_order,
-    load_checkpoint,
-    train_worker,
-)
+from pipeline.train import CURVE_COLUMNS, RandomImages, train_worker
+from pipeline.train_state import load_checkpoint
 
 
 class Recorder:
@@ -47,38 +36,6 @@ def one_thread():
 def cfg(tiny_cfg):
     # 48 images, global batch 16: 3 steps per epoch, 2 epochs; DataLoader in-process for speed.
     return tiny_cfg.replace(**{"data.num_workers": 0, "pretrain.checkpoint_every": 2})
-
-
-def test_global_batches_do_not_depend_on_world_size():
-    order = epoch_order(40, seed=3, epoch=1)
-    assert sorted(order.tolist()) == list(range(40))
-    assert not torch.equal(order, epoch_order(40, seed=3, epoch=2))
-    # Epoch starting at global step 10, steps 11..12: the two ranks' slices form the one-worker batch.
-    one = list(StepBatches(order, 10, 11, 13, 8, rank=0, world=1))
-    two = [list(StepBatches(order, 10, 11, 13, 8, rank=r, world=2)) for r in range(2)]
-    for i in range(2):
-        assert one[i] == two[0][i] + two[1][i]
-        assert {s for s, _ in one[i]} == {11 + i}
-    assert [i for s, i in one[0]] == order[8:16].tolist()
-
-
-def test_collate_takes_this_ranks_rows_of_the_global_masks(tiny_cfg):
-    sampler = MaskSampler(tiny_cfg.mask, (4, 4), seed=0)
-    items = StepItems(RandomImages(8, 32))
-    enc, pred = sampler.sample(8, 5)
-    for rank in range(2):
-        images, me, mp, step = MaskCollate(sampler, 8, rank, 2)([items[(5, i)] for i in range(4)])
-        assert step == 5 and images.shape == (4, 3, 32, 32)
-        assert torch.equal(me, enc[rank * 4:(rank + 1) * 4]) and torch.equal(mp, pred[rank * 4:(rank + 1) * 4])
-
-
-def test_collate_stacks_the_images_drops_labels_and_adds_the_steps_masks():
-    sampler = MaskSampler(MaskConfig(), (14, 14))
-    items = StepItems([(torch.zeros(3, 4, 4), i) for i in range(6)])
-    images, enc, pred, step = MaskCollate(sampler, 6, 0, 1)([items[(7, i)] for i in range(6)])
-    assert images.shape == (6, 3, 4, 4) and step == 7
-    e2, p2 = sampler.sample(6, 7)
-    assert torch.equal(enc, e2) and torch.equal(pred, p2)
 
 
 def test_run_reports_history_checkpoints_and_done(cfg):
@@ -144,11 +101,6 @@ def test_nan_loss_stops_naming_the_step_without_checkpoint(cfg):
 def test_batch_larger_than_dataset_is_one_line_error(cfg):
     with pytest.raises(PipelineError, match="batch_size = 16"):
         train_worker(cfg, RandomImages(8, 32), Recorder())
-
-
-def test_missing_checkpoint_file(tmp_path: Path):
-    with pytest.raises(PipelineError, match="no such checkpoint"):
-        load_checkpoint(tmp_path)
 
 
 class FakeTracker:
