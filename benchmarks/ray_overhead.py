@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from pipeline import ray_train  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.train import RandomImages, set_threads, train_worker  # noqa: E402
+from pipeline.data.random_images import RandomImages  # noqa: E402
+from pipeline.train import set_threads, train_worker  # noqa: E402
 from pipeline.train_state import load_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -297,16 +297,3 @@ def set_threads(cpus: float) -> None:
     torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = str(n)
 
-
-class RandomImages(Dataset):
-    """`n` fixed Gaussian images (3, S, S), seeded: a stand-in dataset for tests and benchmarks."""
-
-    def __init__(self, n: int, image_size: int, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.randn(n, 3, image_size, image_size, generator=g)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> Tensor:
-        return self.images[i]

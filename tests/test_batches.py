@@ -5,8 +5,8 @@ import torch
 
 from pipeline.batches import StepBatches, StepCollate, StepItems, StepLoader, epoch_order
 from pipeline.config import MaskConfig
+from pipeline.data.random_images import RandomImages
 from pipeline.masks import MaskSampler
-from pipeline.train import RandomImages
 
 
 def test_global_batches_do_not_depend_on_world_size():

@@ -21,9 +21,10 @@ import yaml
 from conftest import wait_for
 
 from pipeline import pretrain, ray_train, tracking
+from pipeline.data.random_images import RandomImages
 from pipeline.errors import PipelineError
 from pipeline.models.io import load_encoder
-from pipeline.train import CURVE_COLUMNS, RandomImages
+from pipeline.train import CURVE_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = pytest.importorskip("ray")
@@ -154,7 +155,7 @@ SCRIPT = """
 import functools, sys
 from pipeline.config import load_config
 from pipeline.pretrain import run
-from pipeline.train import RandomImages
+from pipeline.data.random_images import RandomImages
 run(load_config(sys.argv[1]), sys.argv[2], dataset_fn=functools.partial(RandomImages, 96, 32))
 """
 

@@ -21,8 +21,9 @@ from evals.report import to_markdown
 from evals.sweep_score import ProbeScore, probe_score
 from pipeline import sweep
 from pipeline.config import ConfigError, from_dict
+from pipeline.data.random_images import RandomImages
 from pipeline.errors import PipelineError
-from pipeline.train import RandomImages, train_worker
+from pipeline.train import train_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -35,9 +35,9 @@ from mlflow.tracking import MlflowClient
 from evals import linear
 from evals.common import flatten
 from pipeline import pretrain, ray_train, tracking
+from pipeline.data.random_images import RandomImages
 from pipeline.errors import PipelineError
 from pipeline.models.io import load_encoder
-from pipeline.train import RandomImages
 
 RAY = pytest.importorskip("ray")
 INITDB = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))[-1:]), None)

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
+from pipeline.data.random_images import RandomImages
 from pipeline.errors import PipelineError
 from pipeline.schedules import Schedules, warmup_cosine
-from pipeline.train import CURVE_COLUMNS, RandomImages, train_worker
+from pipeline.train import CURVE_COLUMNS, train_worker
 from pipeline.train_state import load_checkpoint
 
 
