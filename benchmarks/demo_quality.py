@@ -34,7 +34,8 @@ from pipeline.data.scenes import render_many  # noqa: E402
 from pipeline.data.transforms import CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from pipeline.diagnostics import diagnose  # noqa: E402
 from pipeline.masks import MaskSampler  # noqa: E402
-from pipeline.models import build_encoder, build_ijepa  # noqa: E402
+from pipeline.models.encoder import build_encoder  # noqa: E402
+from pipeline.models.ijepa import build_ijepa  # noqa: E402
 from pipeline.schedules import Schedules  # noqa: E402
 from pipeline.step import build_optimizer, train_step  # noqa: E402
 from pipeline.train import DIAG_MASK_STEP  # noqa: E402

@@ -23,19 +23,9 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.errors import PipelineError
+from pipeline.models.presets import ENCODER_PRESETS, PATCH_SIZES
 from pipeline.presets import PRESETS
 
-# name -> (embed_dim, depth, num_heads, mlp_ratio); the I-JEPA repo's vision_transformer.py values.
-ENCODER_PRESETS: dict[str, tuple[int, int, int, float]] = {
-    "vit_micro": (128, 6, 4, 4.0),  # not in the paper: a CPU demo size (about 1/5 of ViT-Tiny's FLOPs)
-    "vit_tiny": (192, 12, 3, 4.0),
-    "vit_small": (384, 12, 6, 4.0),
-    "vit_base": (768, 12, 12, 4.0),
-    "vit_large": (1024, 24, 16, 4.0),
-    "vit_huge": (1280, 32, 16, 4.0),
-    "vit_giant": (1408, 40, 16, 48 / 11),
-}
-PATCH_SIZES = (8, 14, 16)
 MASK_STRATEGIES = ("multiblock", "random", "block", "rasterized")
 # Anti-collapse terms on the context features (pipeline/regularizers.py, optim.reg_on); "none" is the paper.
 Regularizer = Literal["none", "vicreg", "sigreg"]

@@ -360,7 +360,7 @@ def pca_rgb(tokens: Tensor, grid: tuple[int, int], n_components: int = 3) -> tup
 def pca_feature_map(encoder: torch.nn.Module, images: Tensor, path: str | Path, n_components: int = 3) -> Path:
     """The DINO-style picture: each image above the PCA of its patch features as an RGB map.
 
-    encoder: a `pipeline.models.Encoder` (run in eval mode without grad; its mode is restored);
+    encoder: a `pipeline.models.encoder.Encoder` (run in eval mode without grad; its mode is restored);
     images: normalized float (B, 3, H, W). Tokens (B, N, D) -> `pca_rgb`. No foreground thresholding
     (DINOv2 keeps patches above a threshold on the first component): the sign and meaning of that
     component is arbitrary for a new model and the scenes have no single background class, so the

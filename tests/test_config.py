@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ENCODER_PRESETS, ConfigError, from_dict, load_config
+from pipeline.config import ConfigError, from_dict, load_config
+from pipeline.models.presets import ENCODER_PRESETS
 from pipeline.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]

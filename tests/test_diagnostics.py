@@ -5,7 +5,7 @@ import torch
 
 from pipeline.diagnostics import alarms, diagnose, variance_shares
 from pipeline.masks import MaskSampler
-from pipeline.models import build_ijepa
+from pipeline.models.ijepa import build_ijepa
 
 
 def test_variance_shares_by_hand():

@@ -10,8 +10,8 @@ from torch import nn
 from pipeline import regularizers as R
 from pipeline.masks import MaskSampler
 from pipeline.metrics import rankme
-from pipeline.models import build_ijepa, load_encoder, save_encoder
-from pipeline.models.ijepa import ema_update
+from pipeline.models.ijepa import build_ijepa, ema_update
+from pipeline.models.io import load_encoder, save_encoder
 from pipeline.schedules import Schedules
 from pipeline.step import build_optimizer, param_groups, set_schedules, train_step
 

@@ -6,11 +6,12 @@ import functools
 import pytest
 import torch
 
-from pipeline.config import ENCODER_PRESETS, ModelConfig
+from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
 from pipeline.models.checkpoints import load_official_checkpoint
 from pipeline.models.encoder import build_encoder, sincos_pos_embed_2d
 from pipeline.models.predictor import Predictor, build_predictor
+from pipeline.models.presets import ENCODER_PRESETS
 
 torch.set_num_threads(1)
 

@@ -14,7 +14,7 @@ from pipeline.config import MASK_STRATEGIES
 from pipeline.data.scenes import render_scene
 from pipeline.errors import PipelineError
 from pipeline.masks import MaskSampler
-from pipeline.models import build_encoder
+from pipeline.models.encoder import build_encoder
 
 
 def _png(path, min_w=150, min_h=100) -> np.ndarray:

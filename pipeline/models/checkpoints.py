@@ -32,10 +32,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.config import ENCODER_PRESETS, PATCH_SIZES, ModelConfig
+from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
 from pipeline.models.encoder import Encoder, build_encoder, check_state_dict
 from pipeline.models.io import META, WEIGHTS, encoder_meta
+from pipeline.models.presets import ENCODER_PRESETS, PATCH_SIZES
 
 FORMATS = ("pipeline", "official", "timm", "hf")
 WHICH = ("target_encoder", "encoder")  # official files also hold "predictor": not an encoder

@@ -12,9 +12,10 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from pipeline.config import ENCODER_PRESETS, ModelConfig
+from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
 from pipeline.masks import apply_masks
+from pipeline.models.presets import ENCODER_PRESETS
 
 
 def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:

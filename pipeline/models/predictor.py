@@ -9,9 +9,10 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from pipeline.config import ENCODER_PRESETS, ModelConfig
+from pipeline.config import ModelConfig
 from pipeline.masks import apply_masks
 from pipeline.models.encoder import sincos_pos_embed_2d
+from pipeline.models.presets import ENCODER_PRESETS
 
 
 class Predictor(nn.Module):
