@@ -61,7 +61,7 @@ def train_worker(cfg: Config, dataset: Dataset, report: ReportFn, *, restore: di
                  tracker: Tracker | None = None, max_epochs: int | None = None,
                  device: torch.device | None = None, epoch_end: EpochEndFn | None = None,
                  heldout: Tensor | None = None) -> dict[str, Any]:
-    """Pretrain from `restore` (a `load_checkpoint` dict) or from scratch; return the final report.
+    """Pretrain from scratch or from `restore` (a `train_state.load_checkpoint` dict); return the final report.
 
     Rank 0 runs `pipeline.diagnostics.diagnose` every `pretrain.diag_every` steps (and at the last) on
     `heldout` (n, 3, S, S), the held-out diagnostics batch, or, when it is None, on a fixed batch of the
