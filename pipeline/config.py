@@ -30,8 +30,6 @@ MASK_STRATEGIES = ("multiblock", "random", "block", "rasterized")
 # Anti-collapse terms on the context features (pipeline/regularizers.py, optim.reg_on); "none" is the paper.
 Regularizer = Literal["none", "vicreg", "sigreg"]
 REGULARIZERS: tuple[str, ...] = typing.get_args(Regularizer)
-
-
 STORAGE_SCHEMES = ("s3", "gs")  # object stores that pyarrow.fs, hence Ray Train, opens by URI
 
 
