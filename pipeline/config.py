@@ -521,7 +521,7 @@ def from_dict(raw: dict[str, Any] | None) -> Config:
     """Preset values first, then the explicit values of `raw`; validated."""
     raw = dict(raw or {})
     preset = raw.get("preset", "paper")
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:  # a list or mapping is unhashable: not `in` a dict
         raise ConfigError("preset", preset, f"one of {list(PRESETS)}")
     merged: dict[str, Any] = {}
     for dotted, value in PRESETS[preset].items():

@@ -82,6 +82,8 @@ BAD = [
     ({"tune": {"pred_scale": []}}, "tune.pred_scale"),
     ({"tune": {"pred_scale": [[0.3, 0.2]]}}, "tune.pred_scale[0]"),
     ({"preset": "huge"}, "preset"),
+    ({"preset": ["demo"]}, "preset"),
+    ({"preset": {"demo": True}}, "preset"),
 ]
 
 
@@ -89,7 +91,8 @@ BAD = [
 def test_bad_values_are_rejected_naming_key_and_value(override, key):
     raw = committed()
     for section, value in override.items():
-        raw[section] = {**raw[section], **value} if isinstance(value, dict) and section in raw else value
+        merge = isinstance(value, dict) and isinstance(raw.get(section), dict)  # not for `preset: {demo: true}`
+        raw[section] = {**raw[section], **value} if merge else value
     with pytest.raises(ConfigError) as err:
         from_dict(raw)
     msg = str(err.value)
