@@ -7,8 +7,10 @@ Renders the scenes once (cached as .npz under .cache/), pretrains with `pipeline
 the demo preset (plus any `--set key=value` overrides, values in YAML), then fits a logistic-regression
 probe (standardised features, L2, C=0.1) on mean-pooled features of the TARGET encoder, the CONTEXT
 encoder and a random-init twin, for both views (last layer, last 4 layers), on two labels: the shape
-class (8) and the object count (3..10). Prints one JSON object. Probing the context encoder too tells
-whether a gap comes from the EMA lag of the target or from what was learnt.
+class (8) and the object count (3..10); `shape_1pct` is the shape probe fit on 12 scenes a class only,
+and `shape_share` the share of the features' variance the shape class explains (`class_share`).
+Prints one JSON object. Probing the context encoder too tells whether a gap comes from the EMA lag of
+the target or from what was learnt.
 
 A diagnostic for tuning the demo preset. One run is one pretraining seed: differences of ~2 points are
 within the noise of 800 validation scenes, and at 222 steps the seed alone moves the shape score by ~3
@@ -42,6 +44,7 @@ from pipeline.train import DIAG_MASK_STEP  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VAL_OFFSET = 1_000_000  # validation scene indices start here: disjoint from the training scenes
+SUBSET_PER_CLASS = 12  # shape_1pct: the probe on 12 labelled scenes a class, as the pipeline's 1 % list
 
 
 def scenes(seed: int, n_train: int, n_val: int, size: int, processes: int) -> dict[str, np.ndarray]:
@@ -80,6 +83,23 @@ def pooled(encoder: torch.nn.Module, x: torch.Tensor, view: str) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
+def subset_rows(labels: np.ndarray, per_class: int) -> np.ndarray:
+    """The first `per_class` rows of each class: the benchmark's "1 %" list (ImageNet-1 %'s ~12.8 a class)."""
+    return np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
+
+
+def class_share(x: np.ndarray, y: np.ndarray) -> float:
+    """Share of the standardised features' (n, D) total variance that the class means explain: the R^2 of
+    regressing every feature on the one-hot label. Near 0: the label is a small direction among the
+    features' variation, which few labels cannot find (a full-label probe still may). Labels unrelated to
+    the features score about (C - 1) / n for C classes (0.003 for 8 classes on 2,400 scenes)."""
+    z = (x - x.mean(0)) / np.maximum(x.std(0), 1e-8)
+    means = np.zeros_like(z)
+    for c in np.unique(y):
+        means[y == c] = z[y == c].mean(0)
+    return round(float((means**2).sum() / (z**2).sum()), 4)
+
+
 def logistic_top1(a: np.ndarray, ya: np.ndarray, b: np.ndarray, yb: np.ndarray) -> float:
     """Top-1 (%) on (b, yb) of a logistic regression (standardised features, L2, C=0.1) fit on (a, ya)."""
     from sklearn.linear_model import LogisticRegression
@@ -96,6 +116,9 @@ def probe(encoder: torch.nn.Module, xtr: torch.Tensor, xva: torch.Tensor, d: dic
         a, b = pooled(encoder, xtr, view), pooled(encoder, xva, view)
         for task, ya, yb in (("shape", d["ytr"], d["yva"]), ("count", d["ctr"], d["cva"])):
             out[f"{task}.{view}"] = logistic_top1(a, ya, b, yb)
+        few = subset_rows(d["ytr"], SUBSET_PER_CLASS)
+        out[f"shape_1pct.{view}"] = logistic_top1(a[few], d["ytr"][few], b, d["yva"])
+        out[f"shape_share.{view}"] = class_share(a, d["ytr"])
     return out
 
 
