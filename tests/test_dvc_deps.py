@@ -1,8 +1,9 @@
-"""dvc.yaml's deps hold every project file each stage runs: editing one must make `dvc repro` rerun it.
+"""dvc.yaml's deps hold every project file each stage runs (editing one must make `dvc repro` rerun it),
+and no code file it does not run.
 
 A stage's code is the import closure of its `stages/<name>.py` within this repo (imports inside functions
-included: the library imports MLflow, timm and its own modules lazily). A dep covers a file when it names
-the file or a folder above it.
+included: the library imports MLflow, timm and its own modules lazily; a package's `_LAZY` names count as
+its submodules). A dep covers a file when it names the file or a folder above it.
 """
 
 import ast
@@ -26,6 +27,15 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
+def _lazy_exports(init: Path) -> dict[str, str]:
+    """A package's `_LAZY = {name: submodule}`: the names its module `__getattr__` imports on first use
+    (`from pipeline.data import NyuDepth` runs pipeline/data/nyu.py)."""
+    for node in ast.parse(init.read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_LAZY" for t in node.targets):
+            return ast.literal_eval(node.value)
+    return {}
+
+
 def _imports(path: Path) -> set[Path]:
     """The repo files `path` imports, anywhere in it (a package import also brings its __init__.py)."""
     out: set[Path] = set()
@@ -40,6 +50,10 @@ def _imports(path: Path) -> set[Path]:
                 parent = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*parent, base] if base else parent)
             names = [base] + [f"{base}.{a.name}" for a in node.names]  # `from evals import common`
+            init = _module_file(base)
+            if init is not None and init.name == "__init__.py":
+                lazy = _lazy_exports(init)
+                names += [f"{base}.{lazy[a.name]}" for a in node.names if a.name in lazy]
         for name in names:
             parts = name.split(".")
             for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__, a/b/__init__ too
@@ -80,6 +94,21 @@ def test_stage_deps_cover_the_code_it_runs(name):
     assert not missing, f"dvc.yaml stage {name!r} runs these files but does not depend on them: {missing}"
 
 
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_deps_name_no_code_it_does_not_run(name):
+    """The other way round: a code file (or package folder) in the deps that the stage never imports would
+    rerun it for nothing, and is how a moved module's old entry lingers. Data deps are not code."""
+    stage = STAGES[name]
+    module = stage["cmd"].split("-m ", 1)[1].split()[0]
+    runs = closure(_module_file(module))
+    code = [d for d in stage.get("deps", []) if d.split("/")[0] in PACKAGES]
+    unused = [d for d in code if not any(f == ROOT / d or ROOT / d in f.parents for f in runs)]
+    assert not unused, f"dvc.yaml stage {name!r} depends on code it does not run: {unused}"
+
+
 def test_closure_follows_lazy_and_package_imports():
     files = {str(f.relative_to(ROOT)) for f in closure(ROOT / "stages" / "eval_linear.py")}
     assert {"evals/linear.py", "evals/common.py", "pipeline/models/checkpoints.py", "pipeline/tracking.py"} <= files
+    # `from pipeline.data import ImageNetFolder` (inside a function) runs pipeline/data/imagenet.py, through
+    # pipeline.data's lazy __getattr__
+    assert "pipeline/data/imagenet.py" in files and "pipeline/data/nyu.py" not in files
