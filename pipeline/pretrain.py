@@ -2,6 +2,7 @@
 
     run(cfg, root) -> summary     what the pretrain stage calls
     run_name(cfg)                 `pretrain-<hash>`: the run's folder under `ray.storage_path`
+    outputs(cfg, root)            the paths it writes, the pretrain stage's outs in dvc.yaml
 
 A pretraining run is named by the hash of the sections that change what it learns (`run_name`). Its Ray
 storage is `<ray.storage_path>/<name>/` (`pipeline.ray_train`), so re-running the stage after the whole
@@ -36,7 +37,7 @@ from pipeline.config import Config
 from pipeline.diagnostics import DIAG_COLUMNS
 from pipeline.errors import PipelineError
 from pipeline.models.ijepa import build_ijepa
-from pipeline.models.io import encoder_meta, save_encoder
+from pipeline.models.io import ENCODER_DIR, encoder_meta, save_encoder
 from pipeline.train import CURVE_COLUMNS
 from pipeline.train_state import load_checkpoint
 from pipeline.viz import training_curves
@@ -58,6 +59,14 @@ def _abs(root: Path, path: str | Path) -> Path:
     return path if path.is_absolute() else root / path
 
 
+def outputs(cfg: Config, root: Path) -> dict[str, Path]:
+    """What the stage writes: the encoder folder and run id under `pretrain.out_dir` (relative to `root`), the
+    metrics, the curve CSV and its picture. dvc.yaml declares each as an out of stage pretrain."""
+    out_dir = _abs(root, cfg.pretrain.out_dir)
+    return {"encoder": out_dir / ENCODER_DIR, "run_id": out_dir / tracking.RUN_ID_FILE, "metrics": root / METRICS_JSON,
+            "curve": root / CURVE_CSV, "curves_png": root / CURVES_PNG}
+
+
 def run(cfg: Config, root: str | Path | None = None, dataset_fn: Callable[[], Dataset] | None = None) -> dict[str, Any]:
     """Pretrain on Ray (or resume, or re-export a finished run), write the outputs; return the summary.
 
@@ -68,7 +77,7 @@ def run(cfg: Config, root: str | Path | None = None, dataset_fn: Callable[[], Da
     storage).
     """
     root = Path(root or Path.cwd()).resolve()
-    location, out_dir = storage.resolve(root, cfg.ray.storage_path), _abs(root, cfg.pretrain.out_dir)
+    location = storage.resolve(root, cfg.ray.storage_path)
     name = run_name(cfg)
     state_file = storage.join(location, name, ray_train.STATE_FILE)
     uri = tracking.tracking_uri(cfg.mlflow, root)
@@ -95,7 +104,7 @@ def run(cfg: Config, root: str | Path | None = None, dataset_fn: Callable[[], Da
             ray_train.write_state(state_file, {"mlflow_run_id": run_id, "status": "finished", "summary": summary,
                                                "checkpoint": checkpoint})
         summary = {**summary, "retrained": not finished}
-        return _write_outputs(cfg, root, out_dir, checkpoint, run_id, name, summary)
+        return _write_outputs(cfg, root, checkpoint, run_id, name, summary)
 
 
 def _train(cfg: Config, dataset_fn: Callable[[], Dataset], heldout_fn: Callable[[], Tensor | None] | None, name: str,
@@ -122,7 +131,7 @@ def _train(cfg: Config, dataset_fn: Callable[[], Dataset], heldout_fn: Callable[
     return summary, ray_train.checkpoint_location(location, result.checkpoint)
 
 
-def _write_outputs(cfg: Config, root: Path, out_dir: Path, checkpoint: str, run_id: str, name: str,
+def _write_outputs(cfg: Config, root: Path, checkpoint: str, run_id: str, name: str,
                    summary: dict[str, Any]) -> dict[str, Any]:
     """Encoder, run id, metrics JSON, curve CSV (+ PNG) from the final checkpoint (a `pipeline.storage`
     location, downloaded when on an object store); all into MLflow too."""
@@ -130,10 +139,11 @@ def _write_outputs(cfg: Config, root: Path, out_dir: Path, checkpoint: str, run_
         state = load_checkpoint(d)
     model = build_ijepa(cfg)
     model.load_state_dict(state["model"])
-    encoder_dir = save_encoder(model.target_encoder, cfg.model, cfg.data.image_size, out_dir / "encoder",
+    paths = outputs(cfg, root)
+    encoder_dir = save_encoder(model.target_encoder, cfg.model, cfg.data.image_size, paths["encoder"],
                                extra={"params_hash": cfg.hash(*RUN_SECTIONS), "step": state["step"],
                                       "mlflow_run_id": run_id})
-    tracking.write_run_id(run_id, out_dir / tracking.RUN_ID_FILE)
+    tracking.write_run_id(run_id, paths["run_id"])
 
     history = pd.DataFrame(state["history"], columns=list(CURVE_COLUMNS))
     last = history.iloc[-1] if len(history) else None
@@ -144,11 +154,11 @@ def _write_outputs(cfg: Config, root: Path, out_dir: Path, checkpoint: str, run_
                **_last_diagnostics(history),
                "num_workers": cfg.ray.num_workers, "resumed_from_step": int(summary.get("resumed_from", 0)),
                "retrained": bool(summary["retrained"]), "ray_run_name": name, "mlflow_run_id": run_id}
-    csv_path, json_path = root / CURVE_CSV, root / METRICS_JSON
+    csv_path, json_path = paths["curve"], paths["metrics"]
     atomic_write(csv_path, lambda tmp: history.to_csv(tmp, index=False))
     atomic_write_text(json_path, json.dumps(metrics, indent=2) + "\n")
 
-    png = _curves_png(cfg, history, root / CURVES_PNG)
+    png = _curves_png(cfg, history, paths["curves_png"])
     # The local outputs are written; a server gone now fails the stage, and a rerun (not retraining) logs again.
     unsent = storage.join(storage.resolve(root, cfg.ray.storage_path), name, tracking.UNSENT_FILE)
     waiting = tracking.count_unsent(unsent)
