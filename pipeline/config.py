@@ -398,6 +398,14 @@ class Config:
         _check(self.optim.reg == "none" or per_worker >= 2, "optim.reg", self.optim.reg,
                f"'none' with {per_worker} image(s) per worker (pretrain.batch_size / ray.num_workers); "
                "a regulariser needs at least 2")
+        # dvc.yaml cannot default evaluate.encoder to null, so params.yaml names <out_dir>/encoder: moving
+        # out_dir alone would leave the evaluations on a stale encoder from the old folder.
+        default_out = PretrainConfig().out_dir
+        enc = self.evaluate.encoder
+        _check(enc is None or self.pretrain.out_dir == default_out
+               or Path(enc) != Path(default_out) / "encoder", "evaluate.encoder", enc,
+               f"{self.pretrain.out_dir}/encoder (what pretrain.out_dir = {self.pretrain.out_dir} now holds) "
+               "or the path of another encoder; it still names the default out_dir's")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

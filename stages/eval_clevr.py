@@ -1,7 +1,7 @@
 """CLEVR count_all and closest_object_distance probes, frozen encoder vs a random-init twin.
 
-Stage eval_clevr: reads params.yaml, models/encoder/ and models/run_id.txt (pretrain's outputs); writes
-metrics/eval_clevr.json and logs an MLflow child run of the pretrain run. The work is in evals/clevr.py.
+Stage eval_clevr: reads params.yaml, data.root and the encoder `evaluate.encoder` names (pretrain's, or any
+file); writes metrics/eval_clevr.json and logs an MLflow child run of the encoder's run. The work is in evals/clevr.py.
 """
 
 from evals.clevr import run

@@ -1,7 +1,7 @@
 """NYU Depth v2 linear head on frozen patch tokens vs a random-init twin and the mean depth.
 
-Stage eval_depth: reads params.yaml, models/encoder/ and models/run_id.txt (pretrain's outputs); writes
-metrics/eval_depth.json and logs an MLflow child run of the pretrain run. The work is in evals/depth.py.
+Stage eval_depth: reads params.yaml, data.root and the encoder `evaluate.encoder` names (pretrain's, or any
+file); writes metrics/eval_depth.json and logs an MLflow child run of the encoder's run. The work is in evals/depth.py.
 """
 
 from evals.depth import run

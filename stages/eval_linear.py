@@ -1,7 +1,7 @@
 """Linear probe of the frozen encoder vs a random-init twin (top-1/top-5 on val, both views).
 
-Stage eval_linear: reads params.yaml, models/encoder/ and models/run_id.txt (pretrain's outputs); writes
-metrics/eval_linear.json and logs an MLflow child run of the pretrain run. The work is in evals/linear.py.
+Stage eval_linear: reads params.yaml, data.root and the encoder `evaluate.encoder` names (pretrain's, or any
+file); writes metrics/eval_linear.json and logs an MLflow child run of the encoder's run. The work: evals/linear.py.
 """
 
 from evals.linear import run

@@ -1,7 +1,7 @@
 """1% semi-supervised probe of the frozen encoder vs a random-init twin (top-1 on val).
 
-Stage eval_semi: reads params.yaml, models/encoder/ and models/run_id.txt (pretrain's outputs); writes
-metrics/eval_semi.json and logs an MLflow child run of the pretrain run. The work is in evals/semi.py.
+Stage eval_semi: reads params.yaml, data.root and the encoder `evaluate.encoder` names (pretrain's, or any
+file); writes metrics/eval_semi.json and logs an MLflow child run of the encoder's run. The work is in evals/semi.py.
 """
 
 from evals.semi import run

@@ -1,6 +1,6 @@
 """Pictures: mask overlays, every masking strategy, PCA feature maps of the I-JEPA and random encoders.
 
-Stage pictures: reads params.yaml, data/, models/encoder/ and models/run_id.txt; writes reports/masks.png,
+Stage pictures: reads params.yaml, data.root and `evaluate.encoder`; writes reports/masks.png,
 reports/mask_strategies.png, reports/pca_ijepa.png and reports/pca_random.png and logs them to MLflow.
 The work is in evals/pictures.py.
 """

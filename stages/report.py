@@ -1,7 +1,7 @@
 """Report: one table of every evaluation, I-JEPA vs random init, both views, margins.
 
-Stage report: reads metrics/eval_*.json and models/run_id.txt; writes reports/evals.{csv,md,png} and logs
-them to the pretrain MLflow run. The work is in evals/report.py.
+Stage report: reads metrics/eval_*.json and `evaluate.encoder`; writes reports/evals.{csv,md,png} and logs
+them to the encoder's MLflow run. The work is in evals/report.py.
 """
 
 from evals.report import run

@@ -100,6 +100,16 @@ def test_bad_values_are_rejected_naming_key_and_value(override, key):
     assert "\n" not in msg and key in msg and "expected" in msg
 
 
+def test_moving_out_dir_alone_is_refused_and_moving_both_or_an_external_encoder_is_not():
+    raw = committed()
+    raw["pretrain"] = {**raw["pretrain"], "out_dir": "out/models"}
+    with pytest.raises(ConfigError) as err:  # evaluate.encoder still models/encoder: a stale folder's
+        from_dict(raw)
+    assert err.value.key == "evaluate.encoder" and "out/models/encoder" in str(err.value)
+    for encoder in ("out/models/encoder", "checkpoints/ijepa.pth.tar"):
+        assert from_dict({**raw, "evaluate": {**raw["evaluate"], "encoder": encoder}}).evaluate.encoder == encoder
+
+
 def test_replace_validates():
     cfg = load_config(ROOT / "params.yaml")
     assert cfg.replace(**{"mask.num_targets": 2}).mask.num_targets == 2
