@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from evals import attentive, common, knn, pixels
@@ -38,10 +38,17 @@ def evaluate_linear(encoder: nn.Module, train: Dataset, val: Dataset, cfg: Class
     kw = {"batch_size": cfg.batch_size, "cache_dir": cache_dir, "num_workers": num_workers}
     ftr = extract(encoder, train, "pooled", desc="features train", **kw)
     fva = extract(encoder, val, "pooled", desc="features val", **kw)
-    c = num_classes(train, ftr["y"])
-    out.update({v: linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], c, cfg, hits=hits) for v in VIEWS})
+    out.update(probe_views(ftr, fva, num_classes(train, ftr["y"]), cfg, hits=hits))
+    return out
+
+
+def probe_views(ftr: dict[str, Tensor], fva: dict[str, Tensor], classes: int, cfg: ClassifierProbeConfig, *,
+                hits: bool = False) -> dict[str, dict[str, Any]]:
+    """Pooled features {view: (n, D), "y": (n,)} of train and test -> the linear probe of each view and, when
+    cfg turns it on, the k-NN probe: {"last": {...}, "last4": {...}, "knn": {...}}."""
+    out = {v: linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], classes, cfg, hits=hits) for v in VIEWS}
     if cfg.knn:
-        out[knn.NAME] = knn.knn_probe(ftr, fva, c, cfg, hits=hits)
+        out[knn.NAME] = knn.knn_probe(ftr, fva, classes, cfg, hits=hits)
     return out
 
 

@@ -16,10 +16,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from evals import attentive, common, knn, pixels
-from evals.features import VIEWS, cached, extract
-from evals.linear import imagenet_splits, num_classes
-from evals.probe import linear_probe
+from evals import attentive, common, pixels
+from evals.features import cached, extract
+from evals.linear import imagenet_splits, num_classes, probe_views
 from pipeline.config import ClassifierProbeConfig, Config
 from pipeline.errors import PipelineError
 
@@ -58,10 +57,7 @@ def evaluate_semi(encoder: nn.Module, train: Dataset, val: Dataset, subset: Sequ
     else:  # encode only the subset's images (1% of the work)
         ftr = extract(encoder, Subset(train, list(subset)), "pooled", desc="features 1%", **kw)
     fva = extract(encoder, val, "pooled", desc="features val", **kw)
-    c = num_classes(train, ftr["y"])
-    out.update({v: linear_probe(ftr[v], ftr["y"], fva[v], fva["y"], c, cfg, hits=hits) for v in VIEWS})
-    if cfg.knn:
-        out[knn.NAME] = knn.knn_probe(ftr, fva, c, cfg, hits=hits)
+    out.update(probe_views(ftr, fva, num_classes(train, ftr["y"]), cfg, hits=hits))
     return out
 
 
