@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from pipeline import ray_train, storage, tracking
-from pipeline.atomic import atomic_write, atomic_write_text
+from pipeline.atomic import atomic_write, atomic_write_json
 from pipeline.batches import heldout_images, pretrain_dataset
 from pipeline.config import Config
 from pipeline.diagnostics import DIAG_COLUMNS
@@ -54,15 +54,10 @@ def run_name(cfg: Config) -> str:
     return f"pretrain-{cfg.hash(*RUN_SECTIONS)}"
 
 
-def _abs(root: Path, path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.is_absolute() else root / path
-
-
 def outputs(cfg: Config, root: Path) -> dict[str, Path]:
     """What the stage writes: the encoder folder and run id under `pretrain.out_dir` (relative to `root`), the
     metrics, the curve CSV and its picture. dvc.yaml declares each as an out of stage pretrain."""
-    out_dir = _abs(root, cfg.pretrain.out_dir)
+    out_dir = root / cfg.pretrain.out_dir  # an absolute out_dir replaces root (pathlib's `/`)
     return {"encoder": out_dir / ENCODER_DIR, "run_id": out_dir / tracking.RUN_ID_FILE, "metrics": root / METRICS_JSON,
             "curve": root / CURVE_CSV, "curves_png": root / CURVES_PNG}
 
@@ -156,7 +151,7 @@ def _write_outputs(cfg: Config, root: Path, checkpoint: str, run_id: str, name: 
                "retrained": bool(summary["retrained"]), "ray_run_name": name, "mlflow_run_id": run_id}
     csv_path, json_path = paths["curve"], paths["metrics"]
     atomic_write(csv_path, lambda tmp: history.to_csv(tmp, index=False))
-    atomic_write_text(json_path, json.dumps(metrics, indent=2) + "\n")
+    atomic_write_json(json_path, metrics, sort_keys=False)
 
     png = _curves_png(cfg, history, paths["curves_png"])
     # The local outputs are written; a server gone now fails the stage, and a rerun (not retraining) logs again.

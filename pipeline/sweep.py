@@ -27,7 +27,6 @@ Nothing here imports Ray (`pipeline.ray_tune` does) or the evaluations (the stag
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,7 +37,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipeline.atomic import atomic_write
+from pipeline.atomic import atomic_write, atomic_write_json, atomic_write_text
 from pipeline.config import Config, TuneConfig
 from pipeline.errors import PipelineError
 
@@ -236,11 +235,11 @@ def write_outputs(cfg: Config, root: Path, trials: Sequence[dict[str, Any]], gri
     title = f"I-JEPA masking sweep ({len(df)} trials, {cfg.tune.epochs} epochs each, {cfg.model.name}/" \
             f"{cfg.model.patch_size} at {cfg.data.image_size} px, search {cfg.tune.search})"
     csv = atomic_write(root / CSV, lambda p: df.to_csv(p, index=False))
-    md = atomic_write(root / MARKDOWN, lambda p: p.write_text(f"# {title}\n\n" + to_markdown(_shown(df))))
+    md = atomic_write_text(root / MARKDOWN, f"# {title}\n\n" + to_markdown(_shown(df)))
     png = score_plot(df, root / PLOT)
     masks = mask_strategies_figure(cfg.mask, grid, root / MASKS)
     summary = best_trial(df)
-    js = atomic_write(root / METRICS_JSON, lambda p: p.write_text(json.dumps(summary, indent=2, default=str) + "\n"))
+    js = atomic_write_json(root / METRICS_JSON, summary, sort_keys=False, default=str)
     return {"table": df, "summary": summary, "files": [csv, md, png, masks, js]}
 
 
@@ -260,16 +259,16 @@ def run(cfg: Config, root: str | Path | None, score: EpochScore, to_markdown: Ca
     from pipeline.batches import pretrain_dataset
 
     root = Path(root or Path.cwd()).resolve()
-    search_axes(cfg.tune)
+    space = search_axes(cfg.tune)  # an empty axis fails here
     if cfg.tune.asha_grace_epochs > cfg.tune.epochs:
         raise PipelineError(f"tune.asha_grace_epochs = {cfg.tune.asha_grace_epochs} is more than tune.epochs = "
                             f"{cfg.tune.epochs}; expected at most the per-trial budget")
-    trial_config(cfg, {k: v[0] for k, v in search_axes(cfg.tune).items()})  # a bad combination fails here
+    trial_config(cfg, {k: v[0] for k, v in space.items()})  # a bad combination fails here
     tracking.connect(cfg.mlflow, root)
     dataset_fn = dataset_fn or functools.partial(pretrain_dataset, cfg, str(root))
     dataset_fn()  # missing data: one line here, not inside a Ray worker
     score.check()
-    spec = ray_tune.SweepSpec(name=sweep_name(cfg), space=search_axes(cfg.tune), trial_config=trial_config,
+    spec = ray_tune.SweepSpec(name=sweep_name(cfg), space=space, trial_config=trial_config,
                               label=trial_label, concurrency=check_resources, dataset_fn=dataset_fn, score=score,
                               metric=SCORE, history_keys=HISTORY_KEYS, driver_resources={"CPU": CPU_TRIAL_DRIVER})
     trials, parent_run_id = ray_tune.tune_sweep(cfg, root, spec)
