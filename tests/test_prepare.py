@@ -51,7 +51,8 @@ def test_round_trip_through_real_loaders(exported):
     for k, (path, label) in enumerate(train.samples):  # sorted wnids keep the renderer's label order
         index = int(path.stem.split("_")[1])
         assert label == scenes[index].label and manifest["classes"][path.parent.name] == SHAPES[label]
-        assert np.abs(np.asarray(train[k][0], float) - scenes[index].image).mean() < 6  # JPEG q95
+        # JPEG q95 with 4:2:0 chroma at 32 px: up to 6.3 grey levels on these scenes; any other scene is >= 20 away
+        assert np.abs(np.asarray(train[k][0], float) - scenes[index].image).mean() < 10
     val = ImageNetFolder(paths.imagenet, "val")
     assert len(val) == 16 and sorted(val.targets) == sorted(s.label for s in scenes[24:])
     subset = ImageNetFolder(paths.imagenet, "train", subset_file=paths.imagenet_subset)
