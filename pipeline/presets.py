@@ -27,7 +27,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # Not the paper: VICReg on the context tokens' spread within each image. Without it the demo's patch
         # features of an image collapse onto one vector by step ~200 and the predictor is no better than the
         # context-mean guess; with it (weight 3), over 3 seeds at 444 steps, shape +6 / +8 points and count
-        # +2 / +3.5 over the random-init band (docs/findings.md).
+        # +2 / +3.5 over the random-init band on the scenes before 2026-12-02, shape +13 / +16 on the
+        # current, larger-object ones (docs/findings.md).
         "optim.reg": "vicreg",
         "optim.reg_weight": 3.0,  # over 3 seeds, shape +1 / +2 and count +1 points above weight 1
         "optim.reg_on": "patches",

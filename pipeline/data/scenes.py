@@ -2,10 +2,10 @@
 
 A room (textured floor plane ``y = 0`` and back wall ``z = WALL_Z``) seen by a pinhole camera with
 jittered height, pitch, yaw, roll and a narrow field of view (32-40 deg), so that the objects cover about
-27 % of the pixels (ImageNet's photos are object-centric; at 50-62 deg they covered 12 %, and the class was
-well under 1 % of a pretrained encoder's feature variance). Each scene holds 3..10 objects, ALL of one shape
-class; colour, texture (solid/stripes/checker), size, rotation and material are drawn independently of
-the class, so the label is the shape and never the colour.
+26 % of the pixels (ImageNet's photos are object-centric; at 50-62 deg they covered 12 %, and the class was
+well under 1 % of a pretrained encoder's feature variance; docs/findings.md, 2026-12-02). Each scene
+holds 3..10 objects, ALL of one shape class; colour, texture (solid/stripes/checker), size, rotation and
+material are drawn independently of the class, so the label is the shape and never the colour.
 
 Shapes are convex polyhedra (clipped ray/half-space intersection), spheres, or unions of these:
 
