@@ -7,6 +7,7 @@ shape, never the colour, so its held-out accuracy should sit near chance (1/8). 
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-from pipeline.data.scenes import NUM_CLASSES, render_many, render_scene
+from pipeline.data.scenes import NUM_CLASSES, Scene, render_many, render_scene
 
 
 def colour_hist(img: np.ndarray) -> np.ndarray:
@@ -24,7 +25,7 @@ def colour_hist(img: np.ndarray) -> np.ndarray:
     return h / h.sum()
 
 
-def histogram_probe(scenes) -> np.ndarray:
+def histogram_probe(scenes: Sequence[Scene]) -> np.ndarray:
     """Held-out accuracy of each of 5 stratified folds of a logistic regression on the scenes' histograms."""
     x = np.stack([colour_hist(s.image) for s in scenes])
     y = np.array([s.label for s in scenes])
