@@ -20,6 +20,7 @@ points, so compare settings with `--seeds` against `--random-seeds`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -31,6 +32,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/demo_quality.py` from the root
 
+import pipeline.data.scenes as scenes_module  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.scenes import render_many  # noqa: E402
 from pipeline.data.transforms import CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -48,8 +50,13 @@ SUBSET_PER_CLASS = 12  # shape_1pct: the probe on 12 labelled scenes a class, as
 
 
 def scenes(seed: int, n_train: int, n_val: int, size: int, processes: int) -> dict[str, np.ndarray]:
-    """Images (n, S, S, 3) uint8, shape labels and counts for train and val, cached on disk."""
-    path = ROOT / ".cache" / f"demo_quality_{seed}_{n_train}_{n_val}_{size}.npz"
+    """Images (n, S, S, 3) uint8, shape labels and counts for train and val, cached on disk.
+
+    The cache's name carries a hash of the generator's source, so an edit of scenes.py renders afresh
+    instead of reusing the old scenes.
+    """
+    generator = hashlib.sha256(Path(scenes_module.__file__).read_bytes()).hexdigest()[:12]
+    path = ROOT / ".cache" / f"demo_quality_{seed}_{n_train}_{n_val}_{size}_{generator}.npz"
     if not path.is_file():
         tr = render_many(seed, range(n_train), size, processes=processes)
         va = render_many(seed, range(VAL_OFFSET, VAL_OFFSET + n_val), size, processes=processes)

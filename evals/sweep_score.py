@@ -10,6 +10,7 @@ calls it after each epoch and its figures join the epoch's report, `probe_top1` 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 from torch import nn
 from torch.utils.data import Dataset
 
+from evals.common import random_encoder
 from evals.features import extract
 from evals.linear import imagenet_splits, num_classes
 from evals.probe import linear_probe
@@ -32,11 +34,14 @@ def probe_datasets(cfg: Config, root: str | Path) -> tuple[Dataset, Dataset]:
 
 @dataclass
 class ProbeScore:
-    """`(model, epoch) -> {"probe_top1", "probe_top5", "val_rankme"}`: the trial's per-epoch score.
+    """`(model, epoch) -> {"probe_top1", "probe_top1_se", "probe_top5", "val_rankme"}`: the trial's
+    per-epoch score.
 
     The target encoder's pooled last-layer features (D,) of the 1% train images train a linear probe
-    (`cfg.eval_semi`'s grid); top-1/top-5 on val in %. RankMe is the effective rank of the val features
-    (n_val, D). Picklable (it travels to the Ray worker); the datasets load there, once.
+    (`cfg.eval_semi`'s grid); top-1/top-5 on val in %, and top-1's binomial standard error in points
+    (100 * sqrt(p (1 - p) / n_val)). RankMe is the effective rank of the val features (n_val, D).
+    `random_init()`: the same figures for the random-init encoder (`evals.common.random_encoder`, seeded
+    by pretrain.seed) untrained. Picklable (it travels to the Ray worker); the datasets load there, once.
     """
 
     cfg: Config
@@ -51,14 +56,26 @@ class ProbeScore:
     def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
         if self._data is None:
             self._data = self.data_fn()
-        train, val = self._data
-        encoder = model.target_encoder
+        return self._score(model.target_encoder, *self._data, f"epoch {epoch}")
+
+    def random_init(self) -> dict[str, float]:
+        """Runs in the driver on data it loads and drops, as `check` does: the copy sent on stays empty."""
+        return self._score(random_encoder(self.cfg), *self.data_fn(), "random init")
+
+    def _score(self, encoder: nn.Module, train: Dataset, val: Dataset, what: str) -> dict[str, float]:
         bs = self.cfg.eval_semi.batch_size
-        ftr = extract(encoder, train, "pooled", batch_size=bs, desc=f"probe train (epoch {epoch})")
-        fva = extract(encoder, val, "pooled", batch_size=bs, desc=f"probe val (epoch {epoch})")
+        ftr = extract(encoder, train, "pooled", batch_size=bs, desc=f"probe train ({what})")
+        fva = extract(encoder, val, "pooled", batch_size=bs, desc=f"probe val ({what})")
         result = linear_probe(ftr["last"], ftr["y"], fva["last"], fva["y"], num_classes(train, ftr["y"]),
                               self.cfg.eval_semi)
-        return {SCORE: result["top1"], "probe_top5": result["top5"], "val_rankme": rankme(fva["last"])}
+        return {SCORE: result["top1"], SCORE + "_se": binomial_se(result["top1"], len(fva["y"])),
+                "probe_top5": result["top5"], "val_rankme": rankme(fva["last"])}
+
+
+def binomial_se(top1: float, n: int) -> float:
+    """The standard error, in points, of a top-1 of `top1` % measured on `n` items."""
+    p = top1 / 100
+    return 100 * math.sqrt(p * (1 - p) / n)
 
 
 def probe_score(cfg: Config, root: str | Path) -> ProbeScore:

@@ -45,7 +45,7 @@ SCORE = "probe_top1"  # ASHA's metric (mode max): 1% linear probe top-1 on val, 
 # The keys a trial sets: search axis -> the dotted config key it replaces.
 AXES = {"strategy": "mask.strategy", "num_targets": "mask.num_targets", "pred_scale": "mask.pred_scale",
         "enc_scale": "mask.enc_scale", "reg": "optim.reg"}
-HISTORY_KEYS = ("epoch", "step", "epoch_loss", "rankme", SCORE, "probe_top5", "val_rankme")  # per-epoch report
+HISTORY_KEYS = ("epoch", "step", "epoch_loss", "rankme", SCORE, SCORE + "_se", "probe_top5", "val_rankme")  # per epoch
 SWEEP_SECTIONS = ("tune", "data", "mask", "model", "optim", "pretrain", "eval_semi")
 CPU_TRIAL_DRIVER = 0.01  # the trial's driver only waits on its TorchTrainer; Ray refuses {"CPU": 0}
 CSV, MARKDOWN, PLOT, MASKS = (Path("reports") / f for f in ("sweep.csv", "sweep.md", "sweep.png", "sweep_masks.png"))
@@ -139,12 +139,22 @@ class EpochScore(Protocol):
 
     def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]: ...
 
+    def random_init(self) -> dict[str, float]:
+        """The same figures for the untrained, random-init target encoder: the level a trial must leave."""
+        ...
+
 
 # ----------------------------------------------------------------------------------------- the table
 
 
-def results_table(trials: Sequence[dict[str, Any]], epochs: int) -> pd.DataFrame:
+def results_table(trials: Sequence[dict[str, Any]], epochs: int,
+                  reference: dict[str, float] | None = None) -> pd.DataFrame:
     """One row per trial, best `probe_top1` (at its last epoch) first.
+
+    `probe_top1_se`: the score's binomial standard error on the val images, in points. With `reference`
+    (the random-init encoder's figures, `EpochScore.random_init`), `margin` is the score minus its
+    `probe_top1` and `margin_se` the standard error of that difference (the two errors in quadrature: an
+    unpaired, conservative figure).
 
     `trials`: [{"trial_id", "params": {AXES...}, "history": [{"epoch", "probe_top1", ...}], "error"?,
     "mlflow_run_id"?}]. A trial that reported fewer than `epochs` epochs was stopped early (by ASHA, or it
@@ -157,7 +167,8 @@ def results_table(trials: Sequence[dict[str, Any]], epochs: int) -> pd.DataFrame
         rows.append({
             "trial": t["trial_id"], "strategy": p["strategy"], "num_targets": int(p["num_targets"]),
             "pred_scale": _pair(p["pred_scale"]), "enc_scale": _pair(p["enc_scale"]), "reg": p.get("reg", "none"),
-            SCORE: float(last.get(SCORE, np.nan)), "best_" + SCORE: max((h[SCORE] for h in hist), default=np.nan),
+            SCORE: float(last.get(SCORE, np.nan)), SCORE + "_se": float(last.get(SCORE + "_se", np.nan)),
+            "best_" + SCORE: max((h[SCORE] for h in hist), default=np.nan),
             "probe_top5": float(last.get("probe_top5", np.nan)), "val_rankme": float(last.get("val_rankme", np.nan)),
             "train_rankme": float(last.get("rankme", np.nan)), "epoch_loss": float(last.get("epoch_loss", np.nan)),
             "epochs": int(last.get("epoch", 0)), "stopped_early": int(last.get("epoch", 0)) < epochs,
@@ -166,6 +177,10 @@ def results_table(trials: Sequence[dict[str, Any]], epochs: int) -> pd.DataFrame
     df = pd.DataFrame(rows)
     if df.empty:
         raise PipelineError("the sweep produced no trials; expected at least one")
+    if reference is not None:
+        at = df.columns.get_loc(SCORE + "_se") + 1
+        df.insert(at, "margin", df[SCORE] - reference[SCORE])
+        df.insert(at + 1, "margin_se", np.hypot(df[SCORE + "_se"], reference.get(SCORE + "_se", np.nan)))
     return df.sort_values([SCORE, "epochs", "trial"], ascending=[False, False, True], na_position="last",
                           ignore_index=True)
 
@@ -184,9 +199,10 @@ def _shown(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns=["mlflow_run_id"]).set_index("trial")
 
 
-def score_plot(df: pd.DataFrame, path: str | Path) -> Path:
+def score_plot(df: pd.DataFrame, path: str | Path, reference: dict[str, float] | None = None) -> Path:
     """Two panels, probe top-1 vs target block scale and vs context block scale (range midpoints, one
-    colour per strategy, hollow markers for trials stopped early)."""
+    colour per strategy, hollow markers for trials stopped early, error bars of one standard error); a
+    dashed line at the random-init encoder's score when `reference` is given."""
     fig = Figure(figsize=(10, 4))
     axes = fig.subplots(1, 2, sharey=True)
     colours = dict(zip(sorted(df["strategy"].unique()), ["C0", "C3", "C2", "C1", "C4"], strict=False))
@@ -198,9 +214,12 @@ def score_plot(df: pd.DataFrame, path: str | Path) -> Path:
                 if sub.empty:
                     continue
                 x = [np.mean(_pair_values(s)) for s in sub[col]]
+                ax.errorbar(x, sub[SCORE], yerr=sub[SCORE + "_se"], fmt="none", ecolor=colours[strategy], alpha=0.5)
                 ax.scatter(x, sub[SCORE], s=50, marker="o", edgecolors=colours[strategy],
                            facecolors="none" if stopped else colours[strategy],
                            label=f"{strategy}{' (stopped early)' if stopped else ''}")
+        if reference is not None:
+            ax.axhline(reference[SCORE], color="grey", ls="--", lw=1, label="random init")
         ax.set_xticks([np.mean(_pair_values(s)) for s in ranges], ranges, rotation=30, fontsize=8)
         ax.set_xlabel(f"{what} range (at its midpoint)")
         ax.grid(alpha=0.3)
@@ -213,32 +232,43 @@ def score_plot(df: pd.DataFrame, path: str | Path) -> Path:
     return atomic_write(Path(path), lambda p: fig.savefig(p, dpi=110))
 
 
-def best_trial(df: pd.DataFrame) -> dict[str, Any]:
-    """metrics/sweep.json's content: the top row and the sweep's size."""
+def best_trial(df: pd.DataFrame, reference: dict[str, float] | None = None) -> dict[str, Any]:
+    """metrics/sweep.json's content: the top row, the best score of each strategy and regulariser (with
+    the standard error of that trial's score), the random-init reference when given, the sweep's size."""
     top = df.iloc[0]
-    by_strategy = df.groupby("strategy")[SCORE].max()
-    by_reg = df.groupby("reg")[SCORE].max()  # paper I-JEPA ("none") against each regulariser
-    return {"best": {k: (v.item() if hasattr(v, "item") else v) for k, v in top.items()},
-            "best_by_strategy": {k: float(v) for k, v in by_strategy.items()},
-            "best_by_reg": {k: float(v) for k, v in by_reg.items()},
-            "trials": len(df), "stopped_early": int(df["stopped_early"].sum())}
+    # df is sorted best first (failed trials last): each value's first row is its best trial
+    best_of = {axis: df.drop_duplicates(axis).set_index(axis).sort_index() for axis in ("strategy", "reg")}
+    out = {"best": {k: (v.item() if hasattr(v, "item") else v) for k, v in top.items()},
+           "best_by_strategy": {k: float(v) for k, v in best_of["strategy"][SCORE].items()},
+           "best_by_strategy_se": {k: float(v) for k, v in best_of["strategy"][SCORE + "_se"].items()},
+           "best_by_reg": {k: float(v) for k, v in best_of["reg"][SCORE].items()},  # paper ("none") vs each
+           "trials": len(df), "stopped_early": int(df["stopped_early"].sum())}
+    if reference is not None:
+        out["random_init"] = {k: float(v) for k, v in reference.items()}
+    return out
 
 
 def write_outputs(cfg: Config, root: Path, trials: Sequence[dict[str, Any]], grid: tuple[int, int],
-                  to_markdown: Callable[[pd.DataFrame], str]) -> dict[str, Any]:
+                  to_markdown: Callable[[pd.DataFrame], str], reference: dict[str, float] | None = None
+                  ) -> dict[str, Any]:
     """CSV, markdown, score plot, mask strategies figure and metrics JSON under `root`; returns the table,
     the best-trial summary and the files written. `to_markdown(table)`: the report's table format
-    (`evals.report.to_markdown`)."""
+    (`evals.report.to_markdown`); `reference`: the random-init encoder's figures (`EpochScore.random_init`)."""
     from pipeline.viz import mask_strategies_figure
 
-    df = results_table(trials, cfg.tune.epochs)
+    df = results_table(trials, cfg.tune.epochs, reference)
     title = f"I-JEPA masking sweep ({len(df)} trials, {cfg.tune.epochs} epochs each, {cfg.model.name}/" \
             f"{cfg.model.patch_size} at {cfg.data.image_size} px, search {cfg.tune.search})"
+    legend = (f"{SCORE}: the 1% linear probe's top-1 on val (%), at the trial's last epoch; {SCORE}_se: its binomial "
+              "standard error.")
+    if reference is not None:
+        legend += (f" margin: {SCORE} minus the untrained random-init encoder's {reference[SCORE]:.2f} "
+                   f"(+- {reference.get(SCORE + '_se', float('nan')):.2f}); margin_se: both errors in quadrature.")
     csv = atomic_write(root / CSV, lambda p: df.to_csv(p, index=False))
-    md = atomic_write_text(root / MARKDOWN, f"# {title}\n\n" + to_markdown(_shown(df)))
-    png = score_plot(df, root / PLOT)
+    md = atomic_write_text(root / MARKDOWN, f"# {title}\n\n{legend}\n\n" + to_markdown(_shown(df)))
+    png = score_plot(df, root / PLOT, reference)
     masks = mask_strategies_figure(cfg.mask, grid, root / MASKS)
-    summary = best_trial(df)
+    summary = best_trial(df, reference)
     js = atomic_write_json(root / METRICS_JSON, summary, sort_keys=False, default=str)
     return {"table": df, "summary": summary, "files": [csv, md, png, masks, js]}
 
@@ -268,16 +298,18 @@ def run(cfg: Config, root: str | Path | None, score: EpochScore, to_markdown: Ca
     dataset_fn = dataset_fn or functools.partial(pretrain_dataset, cfg, str(root))
     dataset_fn()  # missing data: one line here, not inside a Ray worker
     score.check()
+    reference = score.random_init()
     spec = ray_tune.SweepSpec(name=sweep_name(cfg), space=space, trial_config=trial_config,
                               label=trial_label, concurrency=check_resources, dataset_fn=dataset_fn, score=score,
                               metric=SCORE, history_keys=HISTORY_KEYS, driver_resources={"CPU": CPU_TRIAL_DRIVER})
     trials, parent_run_id = ray_tune.tune_sweep(cfg, root, spec)
     grid = (cfg.data.image_size // cfg.model.patch_size,) * 2
-    out = write_outputs(cfg, root, trials, grid, to_markdown)
+    out = write_outputs(cfg, root, trials, grid, to_markdown, reference)
     with tracking.pipeline_run(cfg, "sweep", run_id=parent_run_id, root=root):
         summary = out["summary"]
         tracking.log_metrics({"best_" + SCORE: summary["best"][SCORE], "trials": summary["trials"],
-                              "stopped_early": summary["stopped_early"]})
+                              "stopped_early": summary["stopped_early"],
+                              **{f"random_init_{k}": v for k, v in reference.items()}})
         for f in out["files"]:
             tracking.log_artifact(f)
     print("# sweep\n\n" + to_markdown(_shown(out["table"])))

@@ -149,12 +149,25 @@ def test_probe_score_joins_epoch_reports_without_changing_training(tiny_cfg):
     assert [r["epoch_loss"] for r in scored] == [r["epoch_loss"] for r in plain]
 
 
+def test_probe_score_standard_error_and_random_init_leave_the_shipped_copy_empty(tiny_cfg):
+    cfg = tiny(tiny_cfg)
+    score = ProbeScore(cfg, functools.partial(labelled, n_val=25))
+    ref = score.random_init()
+    p = ref[sweep.SCORE] / 100
+    assert ref[sweep.SCORE + "_se"] == pytest.approx(100 * (p * (1 - p) / 25) ** 0.5)
+    assert score._data is None  # the score travels to every Ray worker: no datasets inside
+    assert score.random_init() == ref  # the twin is seeded by pretrain.seed: the same figures every time
+    reseeded = cfg.replace(**{"pretrain.seed": cfg.pretrain.seed + 1})
+    other = ProbeScore(reseeded, functools.partial(labelled, n_val=25))
+    assert other.random_init()["val_rankme"] != ref["val_rankme"]
+
+
 # ------------------------------------------------------------------------------------------ the table
 
 
 def record(tid, strategy, pred, scores, stopped_at=None, error=None, reg=None):
-    hist = [{"epoch": e + 1, sweep.SCORE: s, "probe_top5": 90.0, "val_rankme": 5.0, "rankme": 4.0,
-             "epoch_loss": 0.3} for e, s in enumerate(scores[:stopped_at])]
+    hist = [{"epoch": e + 1, sweep.SCORE: s, sweep.SCORE + "_se": 2.0 + e, "probe_top5": 90.0, "val_rankme": 5.0,
+             "rankme": 4.0, "epoch_loss": 0.3} for e, s in enumerate(scores[:stopped_at])]
     params = {"strategy": strategy, "num_targets": 4, "pred_scale": pred, "enc_scale": [0.85, 1.0]}
     if reg is not None:  # records of sweeps from before the reg axis have none
         params["reg"] = reg
@@ -181,12 +194,30 @@ def test_table_sorted_one_row_per_trial_with_early_stops(tiny_cfg, tmp_path):
     back = pd.read_csv(tmp_path / sweep.CSV)
     assert back["trial"].tolist() == ["c", "a", "b", "d"]
     md = (tmp_path / sweep.MARKDOWN).read_text().splitlines()
-    assert md[2].startswith("| trial | strategy |") and len([ln for ln in md if ln.startswith("| ")]) == 5
+    assert md[4].startswith("| trial | strategy |") and len([ln for ln in md if ln.startswith("| ")]) == 5
     best = json.loads((tmp_path / sweep.METRICS_JSON).read_text())
     assert best["best"]["trial"] == "c" and best["best_by_strategy"] == {"multiblock": 35.0, "random": 25.0}
     assert best["best_by_reg"] == {"none": 30.0, "vicreg": 35.0}
     assert best["trials"] == 4 and best["stopped_early"] == 2
     assert out["summary"] == best
+
+
+def test_margin_over_random_init_and_standard_errors_reach_every_output(tiny_cfg, tmp_path):
+    trials = [record("a", "multiblock", [0.15, 0.2], [20.0, 30.0]), record("b", "random", [0.15, 0.2], [25.0, 22.0])]
+    ref = {sweep.SCORE: 18.0, sweep.SCORE + "_se": 4.0, "probe_top5": 60.0, "val_rankme": 3.0}
+    df = sweep.results_table(trials, epochs=2, reference=ref).set_index("trial")
+    assert df.loc["a", "margin"] == 12.0 and df.loc["b", "margin"] == 4.0
+    assert df.loc["a", sweep.SCORE + "_se"] == 3.0  # the last epoch's
+    assert df.loc["a", "margin_se"] == pytest.approx(5.0)  # 3 and 4 in quadrature
+    out = sweep.write_outputs(tiny(tiny_cfg), tmp_path, trials, (4, 4), to_markdown, reference=ref)
+    best = json.loads((tmp_path / sweep.METRICS_JSON).read_text())
+    assert best["random_init"] == ref and best == out["summary"]
+    assert best["best_by_strategy"] == {"multiblock": 30.0, "random": 22.0}
+    assert best["best_by_strategy_se"] == {"multiblock": 3.0, "random": 3.0}
+    md = (tmp_path / sweep.MARKDOWN).read_text()
+    assert "18.00 (+- 4.00)" in md and "| margin | margin_se |" in md
+    assert pd.read_csv(tmp_path / sweep.CSV).set_index("trial").loc["a", "margin"] == 12.0
+    assert "margin" not in sweep.results_table(trials, epochs=2).columns  # no reference, no margin
 
 
 def test_empty_sweep_is_one_line():
