@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-repro: $(STAMP)  ## the demo pipeline on the embedded default: prepare -> pretrain -> evals -> pictures, report
-	$(BIN)/dvc repro report pictures
+repro: $(STAMP)  ## the demo pipeline on the embedded default: params, prepare -> pretrain -> evals -> pictures, report
+	$(BIN)/dvc repro params report pictures
 
 sweep: $(STAMP)  ## the masking ablations on Ray Tune (tune: section of params.yaml)
 	$(BIN)/dvc repro sweep

@@ -7,6 +7,7 @@ its submodules). A dep covers a file when it names the file or a folder above it
 """
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,28 @@ def test_closure_follows_lazy_and_package_imports():
     # `from pipeline.data import ImageNetFolder` (inside a function) runs pipeline/data/imagenet.py, through
     # pipeline.data's lazy __getattr__
     assert "pipeline/data/imagenet.py" in files and "pipeline/data/nyu.py" not in files
+
+
+def _resolved(path: str, params: dict) -> str:
+    """`${data.root}/x` -> `data/x`, from params.yaml, as DVC resolves a stage's paths."""
+    def value(m: re.Match) -> str:
+        v = params
+        for key in m.group(1).split("."):
+            v = v[key]
+        return str(v)
+
+    return re.sub(r"\$\{([^}]+)\}", value, path)
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_dvc_lock_records_the_deps_dvc_yaml_lists(name):
+    """A stage's entry in the committed dvc.lock lists the files dvc.yaml's deps name: otherwise the lock
+    is from before the last edit of the stage's deps, `dvc status` calls the stage changed on a fresh
+    clone, and a plain `dvc repro` reruns it. Rerun the stage (`dvc repro <name>`) and commit dvc.lock."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    assert name in lock, f"dvc.lock has no entry for stage {name!r}: run `dvc repro {name}` and commit dvc.lock"
+    want = {_resolved(d if isinstance(d, str) else next(iter(d)), params) for d in STAGES[name].get("deps", [])}
+    have = {d["path"] for d in lock[name].get("deps", [])}
+    assert have == want, (f"dvc.lock's {name!r} deps differ from dvc.yaml's: missing {sorted(want - have)}, "
+                          f"extra {sorted(have - want)}; run `dvc repro {name}` and commit dvc.lock")
