@@ -339,7 +339,7 @@ class TuneConfig:
     `search: random`)."""
 
     search: Literal["grid", "random"] = "grid"
-    num_samples: int = 1  # grid: repeats of the grid; random: number of trials
+    num_samples: int = 1  # grid: repeats of the grid, at pretraining seeds pretrain.seed, +1, ...; random: trials
     pred_scale: tuple[tuple[float, float], ...] = ((0.15, 0.2),)
     enc_scale: tuple[tuple[float, float], ...] = ((0.85, 1.0),)
     num_targets: tuple[int, ...] = (4,)

@@ -178,8 +178,10 @@ def _tuner(cfg: Config, spec: SweepSpec, trainable: Any, exp_dir: str, location:
                          grace_period=t.asha_grace_epochs, reduction_factor=2, stop_last_trials=False)
     return tune.Tuner(
         trainable, param_space=_param_space(cfg, spec.space),
-        tune_config=tune.TuneConfig(scheduler=asha, num_samples=t.num_samples, search_alg=BasicVariantGenerator(
-            random_state=cfg.pretrain.seed, max_concurrent=concurrent)),
+        # A grid's repeats are already in the space (its seed axis, pipeline.sweep.search_axes): Tune runs it once.
+        tune_config=tune.TuneConfig(scheduler=asha, num_samples=1 if t.search == "grid" else t.num_samples,
+                                    search_alg=BasicVariantGenerator(random_state=cfg.pretrain.seed,
+                                                                     max_concurrent=concurrent)),
         run_config=tune.RunConfig(name=spec.name, storage_path=location, callbacks=[reaper],
                                   failure_config=tune.FailureConfig(max_failures=0)))
 

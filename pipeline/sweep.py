@@ -44,7 +44,8 @@ from pipeline.errors import PipelineError
 SCORE = "probe_top1"  # ASHA's metric (mode max): 1% linear probe top-1 on val, in %
 # The keys a trial sets: search axis -> the dotted config key it replaces.
 AXES = {"strategy": "mask.strategy", "num_targets": "mask.num_targets", "pred_scale": "mask.pred_scale",
-        "enc_scale": "mask.enc_scale", "reg": "optim.reg"}
+        "enc_scale": "mask.enc_scale", "reg": "optim.reg", "seed": "pretrain.seed"}
+CONFIG_AXES = ("strategy", "num_targets", "pred_scale", "enc_scale", "reg")  # a trial's setting, seeds aside
 HISTORY_KEYS = ("epoch", "step", "epoch_loss", "rankme", SCORE, SCORE + "_se", "probe_top5", "val_rankme")  # per epoch
 SWEEP_SECTIONS = ("tune", "data", "mask", "model", "optim", "pretrain", "eval_semi")
 CPU_TRIAL_DRIVER = 0.01  # the trial's driver only waits on its TorchTrainer; Ray refuses {"CPU": 0}
@@ -60,11 +61,17 @@ def sweep_name(cfg: Config) -> str:
 # ------------------------------------------------------------------------------------------ the space
 
 
-def search_axes(tune: TuneConfig) -> dict[str, list[Any]]:
-    """The axes as plain lists (Tune grid_search / choice values): {"pred_scale": [[0.15, 0.2], ...], ...}."""
+def search_axes(tune: TuneConfig, seed: int) -> dict[str, list[Any]]:
+    """The axes as plain lists (Tune grid_search / choice values): {"pred_scale": [[0.15, 0.2], ...], ...}.
+
+    `seed` is the pretraining seed axis. A grid's `num_samples` repeats are pretraining seeds `seed`,
+    `seed + 1`, ... (the same config and seed would only train the same trial again); a random search
+    draws `num_samples` settings, each at `seed`.
+    """
     axes = {"strategy": list(tune.strategy), "num_targets": list(tune.num_targets),
             "pred_scale": [list(p) for p in tune.pred_scale], "enc_scale": [list(p) for p in tune.enc_scale],
-            "reg": list(tune.reg)}
+            "reg": list(tune.reg),
+            "seed": [seed + i for i in range(tune.num_samples)] if tune.search == "grid" else [seed]}
     for key, values in axes.items():  # TuneConfig checks this too; a space built by hand may not have been
         if not values:
             raise PipelineError(f"tune.{key} = [] is an empty search axis; expected at least one value")
@@ -75,7 +82,7 @@ def num_trials(tune: TuneConfig) -> int:
     """Grid: every combination, `num_samples` times each; random: `num_samples` draws."""
     if tune.search == "random":
         return tune.num_samples
-    return int(np.prod([len(v) for v in search_axes(tune).values()])) * tune.num_samples
+    return int(np.prod([len(v) for v in search_axes(tune, 0).values()]))  # the seed axis holds the repeats
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
@@ -120,11 +127,12 @@ def trial_config(cfg: Config, params: dict[str, Any]) -> Config:
 
 
 def trial_label(params: dict[str, Any]) -> str:
-    """A short run name: `multiblock M4 tgt 0.15-0.2 ctx 0.85-1`, then ` sigreg` when a regulariser is on."""
+    """A short run name: `multiblock M4 tgt 0.15-0.2 ctx 0.85-1`, then ` sigreg` when a regulariser is on
+    and ` seed 1` when the trial has a seed axis."""
     p, c = params["pred_scale"], params["enc_scale"]
     reg = params.get("reg", "none")
     return (f"{params['strategy']} M{params['num_targets']} tgt {p[0]:g}-{p[1]:g} ctx {c[0]:g}-{c[1]:g}"
-            + ("" if reg == "none" else f" {reg}"))
+            + ("" if reg == "none" else f" {reg}") + (f" seed {params['seed']}" if "seed" in params else ""))
 
 
 # ----------------------------------------------------------------------------------------- the score
@@ -139,8 +147,9 @@ class EpochScore(Protocol):
 
     def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]: ...
 
-    def random_init(self) -> dict[str, float]:
-        """The same figures for the untrained, random-init target encoder: the level a trial must leave."""
+    def random_init(self, seed: int) -> dict[str, float]:
+        """The same figures for the untrained, random-init target encoder of pretraining seed `seed`: the
+        level a trial of that seed must leave."""
         ...
 
 
@@ -148,13 +157,14 @@ class EpochScore(Protocol):
 
 
 def results_table(trials: Sequence[dict[str, Any]], epochs: int,
-                  reference: dict[str, float] | None = None) -> pd.DataFrame:
+                  references: dict[int, dict[str, float]] | None = None) -> pd.DataFrame:
     """One row per trial, best `probe_top1` (at its last epoch) first.
 
-    `probe_top1_se`: the score's binomial standard error on the val images, in points. With `reference`
-    (the random-init encoder's figures, `EpochScore.random_init`), `margin` is the score minus its
-    `probe_top1` and `margin_se` the standard error of that difference (the two errors in quadrature: an
-    unpaired, conservative figure).
+    `seed`: the trial's pretraining seed (empty for records from before the seed axis). `probe_top1_se`:
+    the score's binomial standard error on the val images, in points. With `references` ({seed: the
+    random-init encoder's figures at that seed}, `EpochScore.random_init`), `margin` is the score minus
+    the `probe_top1` of its seed's random init and `margin_se` the standard error of that difference (the
+    two errors in quadrature: an unpaired, conservative figure).
 
     `trials`: [{"trial_id", "params": {AXES...}, "history": [{"epoch", "probe_top1", ...}], "error"?,
     "mlflow_run_id"?}]. A trial that reported fewer than `epochs` epochs was stopped early (by ASHA, or it
@@ -167,6 +177,7 @@ def results_table(trials: Sequence[dict[str, Any]], epochs: int,
         rows.append({
             "trial": t["trial_id"], "strategy": p["strategy"], "num_targets": int(p["num_targets"]),
             "pred_scale": _pair(p["pred_scale"]), "enc_scale": _pair(p["enc_scale"]), "reg": p.get("reg", "none"),
+            "seed": p.get("seed"),
             SCORE: float(last.get(SCORE, np.nan)), SCORE + "_se": float(last.get(SCORE + "_se", np.nan)),
             "best_" + SCORE: max((h[SCORE] for h in hist), default=np.nan),
             "probe_top5": float(last.get("probe_top5", np.nan)), "val_rankme": float(last.get("val_rankme", np.nan)),
@@ -177,12 +188,25 @@ def results_table(trials: Sequence[dict[str, Any]], epochs: int,
     df = pd.DataFrame(rows)
     if df.empty:
         raise PipelineError("the sweep produced no trials; expected at least one")
-    if reference is not None:
+    df["seed"] = df["seed"].astype("Int64")
+    if references is not None:
+        ref = {key: [references.get(int(s), {}).get(key, np.nan) if pd.notna(s) else np.nan for s in df["seed"]]
+               for key in (SCORE, SCORE + "_se")}
         at = df.columns.get_loc(SCORE + "_se") + 1
-        df.insert(at, "margin", df[SCORE] - reference[SCORE])
-        df.insert(at + 1, "margin_se", np.hypot(df[SCORE + "_se"], reference.get(SCORE + "_se", np.nan)))
+        df.insert(at, "margin", df[SCORE] - np.array(ref[SCORE]))
+        df.insert(at + 1, "margin_se", np.hypot(df[SCORE + "_se"], np.array(ref[SCORE + "_se"])))
     return df.sort_values([SCORE, "epochs", "trial"], ascending=[False, False, True], na_position="last",
                           ignore_index=True)
+
+
+def over_seeds(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting (the CONFIG_AXES), best mean first: `seeds` (trials that scored), the mean and
+    standard deviation over them of `probe_top1` and, when the table has it, of `margin`."""
+    stats = {SCORE: ["count", "mean", "std"]} | ({"margin": ["mean", "std"]} if "margin" in df else {})
+    g = df.groupby(list(CONFIG_AXES), sort=False).agg(stats)
+    g.columns = ["seeds", SCORE + "_mean", SCORE + "_std"] + (["margin_mean", "margin_std"] if "margin" in df else [])
+    g["seeds"] = g["seeds"].astype(int)
+    return g.reset_index().sort_values(SCORE + "_mean", ascending=False, na_position="last", ignore_index=True)
 
 
 def _pair(v: Sequence[float]) -> str:
@@ -199,10 +223,10 @@ def _shown(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns=["mlflow_run_id"]).set_index("trial")
 
 
-def score_plot(df: pd.DataFrame, path: str | Path, reference: dict[str, float] | None = None) -> Path:
+def score_plot(df: pd.DataFrame, path: str | Path, references: dict[int, dict[str, float]] | None = None) -> Path:
     """Two panels, probe top-1 vs target block scale and vs context block scale (range midpoints, one
     colour per strategy, hollow markers for trials stopped early, error bars of one standard error); a
-    dashed line at the random-init encoder's score when `reference` is given."""
+    dashed line at the random-init encoder's score (mean over the seeds) when `references` are given."""
     fig = Figure(figsize=(10, 4))
     axes = fig.subplots(1, 2, sharey=True)
     colours = dict(zip(sorted(df["strategy"].unique()), ["C0", "C3", "C2", "C1", "C4"], strict=False))
@@ -218,8 +242,9 @@ def score_plot(df: pd.DataFrame, path: str | Path, reference: dict[str, float] |
                 ax.scatter(x, sub[SCORE], s=50, marker="o", edgecolors=colours[strategy],
                            facecolors="none" if stopped else colours[strategy],
                            label=f"{strategy}{' (stopped early)' if stopped else ''}")
-        if reference is not None:
-            ax.axhline(reference[SCORE], color="grey", ls="--", lw=1, label="random init")
+        if references:
+            ax.axhline(np.mean([r[SCORE] for r in references.values()]), color="grey", ls="--", lw=1,
+                       label="random init")
         ax.set_xticks([np.mean(_pair_values(s)) for s in ranges], ranges, rotation=30, fontsize=8)
         ax.set_xlabel(f"{what} range (at its midpoint)")
         ax.grid(alpha=0.3)
@@ -232,43 +257,60 @@ def score_plot(df: pd.DataFrame, path: str | Path, reference: dict[str, float] |
     return atomic_write(Path(path), lambda p: fig.savefig(p, dpi=110))
 
 
-def best_trial(df: pd.DataFrame, reference: dict[str, float] | None = None) -> dict[str, Any]:
+def best_trial(df: pd.DataFrame, references: dict[int, dict[str, float]] | None = None) -> dict[str, Any]:
     """metrics/sweep.json's content: the top row, the best score of each strategy and regulariser (with
-    the standard error of that trial's score), the random-init reference when given, the sweep's size."""
+    the standard error of that trial's score), each strategy's best setting over the seeds (`over_seeds`),
+    every setting over the seeds, the random-init figures per seed when given, the sweep's size."""
     top = df.iloc[0]
     # df is sorted best first (failed trials last): each value's first row is its best trial
     best_of = {axis: df.drop_duplicates(axis).set_index(axis).sort_index() for axis in ("strategy", "reg")}
-    out = {"best": {k: (v.item() if hasattr(v, "item") else v) for k, v in top.items()},
+    out = {"best": {k: _plain(v) for k, v in top.items()},
            "best_by_strategy": {k: float(v) for k, v in best_of["strategy"][SCORE].items()},
            "best_by_strategy_se": {k: float(v) for k, v in best_of["strategy"][SCORE + "_se"].items()},
            "best_by_reg": {k: float(v) for k, v in best_of["reg"][SCORE].items()},  # paper ("none") vs each
            "trials": len(df), "stopped_early": int(df["stopped_early"].sum())}
-    if reference is not None:
-        out["random_init"] = {k: float(v) for k, v in reference.items()}
+    settings = over_seeds(df)
+    out["mean_by_strategy"] = {r["strategy"]: {k: _plain(v) for k, v in r.items() if k not in CONFIG_AXES}
+                               for r in settings.drop_duplicates("strategy").to_dict("records")}
+    out["over_seeds"] = [{k: _plain(v) for k, v in r.items()} for r in settings.to_dict("records")]
+    if references is not None:
+        out["random_init"] = {str(seed): {k: float(v) for k, v in r.items()} for seed, r in sorted(references.items())}
     return out
 
 
+def _plain(v: Any) -> Any:
+    """A numpy / pandas scalar as the JSON-ready Python value (NaN and NA as None)."""
+    if v is pd.NA:
+        return None
+    v = v.item() if hasattr(v, "item") else v
+    return None if isinstance(v, float) and v != v else v
+
+
 def write_outputs(cfg: Config, root: Path, trials: Sequence[dict[str, Any]], grid: tuple[int, int],
-                  to_markdown: Callable[[pd.DataFrame], str], reference: dict[str, float] | None = None
+                  to_markdown: Callable[[pd.DataFrame], str], references: dict[int, dict[str, float]] | None = None
                   ) -> dict[str, Any]:
     """CSV, markdown, score plot, mask strategies figure and metrics JSON under `root`; returns the table,
     the best-trial summary and the files written. `to_markdown(table)`: the report's table format
-    (`evals.report.to_markdown`); `reference`: the random-init encoder's figures (`EpochScore.random_init`)."""
+    (`evals.report.to_markdown`); `references`: {seed: the random-init encoder's figures} (`EpochScore.random_init`)."""
     from pipeline.viz import mask_strategies_figure
 
-    df = results_table(trials, cfg.tune.epochs, reference)
+    df = results_table(trials, cfg.tune.epochs, references)
     title = f"I-JEPA masking sweep ({len(df)} trials, {cfg.tune.epochs} epochs each, {cfg.model.name}/" \
             f"{cfg.model.patch_size} at {cfg.data.image_size} px, search {cfg.tune.search})"
     legend = (f"{SCORE}: the 1% linear probe's top-1 on val (%), at the trial's last epoch; {SCORE}_se: its binomial "
               "standard error.")
-    if reference is not None:
-        legend += (f" margin: {SCORE} minus the untrained random-init encoder's {reference[SCORE]:.2f} "
-                   f"(+- {reference.get(SCORE + '_se', float('nan')):.2f}); margin_se: both errors in quadrature.")
+    if references:
+        levels = ", ".join(f"{r[SCORE]:.2f} +- {r.get(SCORE + '_se', float('nan')):.2f} (seed {seed})"
+                           for seed, r in sorted(references.items()))
+        legend += (f" margin: {SCORE} minus that of the untrained random-init encoder of the trial's seed: {levels};"
+                   " margin_se: both errors in quadrature.")
+    settings = "## Over pretraining seeds\n\nmean and std over each setting's seeds (`tune.num_samples`).\n\n" + \
+        to_markdown(over_seeds(df).set_index(list(CONFIG_AXES)))
     csv = atomic_write(root / CSV, lambda p: df.to_csv(p, index=False))
-    md = atomic_write_text(root / MARKDOWN, f"# {title}\n\n{legend}\n\n" + to_markdown(_shown(df)))
-    png = score_plot(df, root / PLOT, reference)
+    md = atomic_write_text(root / MARKDOWN, f"# {title}\n\n{legend}\n\n" + to_markdown(_shown(df)) + "\n" + settings)
+    png = score_plot(df, root / PLOT, references)
     masks = mask_strategies_figure(cfg.mask, grid, root / MASKS)
-    summary = best_trial(df, reference)
+    summary = best_trial(df, references)
     js = atomic_write_json(root / METRICS_JSON, summary, sort_keys=False, default=str)
     return {"table": df, "summary": summary, "files": [csv, md, png, masks, js]}
 
@@ -289,7 +331,7 @@ def run(cfg: Config, root: str | Path | None, score: EpochScore, to_markdown: Ca
     from pipeline.batches import pretrain_dataset
 
     root = Path(root or Path.cwd()).resolve()
-    space = search_axes(cfg.tune)  # an empty axis fails here
+    space = search_axes(cfg.tune, cfg.pretrain.seed)  # an empty axis fails here
     if cfg.tune.asha_grace_epochs > cfg.tune.epochs:
         raise PipelineError(f"tune.asha_grace_epochs = {cfg.tune.asha_grace_epochs} is more than tune.epochs = "
                             f"{cfg.tune.epochs}; expected at most the per-trial budget")
@@ -298,18 +340,19 @@ def run(cfg: Config, root: str | Path | None, score: EpochScore, to_markdown: Ca
     dataset_fn = dataset_fn or functools.partial(pretrain_dataset, cfg, str(root))
     dataset_fn()  # missing data: one line here, not inside a Ray worker
     score.check()
-    reference = score.random_init()
+    references = {seed: score.random_init(seed) for seed in space["seed"]}
     spec = ray_tune.SweepSpec(name=sweep_name(cfg), space=space, trial_config=trial_config,
                               label=trial_label, concurrency=check_resources, dataset_fn=dataset_fn, score=score,
                               metric=SCORE, history_keys=HISTORY_KEYS, driver_resources={"CPU": CPU_TRIAL_DRIVER})
     trials, parent_run_id = ray_tune.tune_sweep(cfg, root, spec)
     grid = (cfg.data.image_size // cfg.model.patch_size,) * 2
-    out = write_outputs(cfg, root, trials, grid, to_markdown, reference)
+    out = write_outputs(cfg, root, trials, grid, to_markdown, references)
     with tracking.pipeline_run(cfg, "sweep", run_id=parent_run_id, root=root):
         summary = out["summary"]
         tracking.log_metrics({"best_" + SCORE: summary["best"][SCORE], "trials": summary["trials"],
                               "stopped_early": summary["stopped_early"],
-                              **{f"random_init_{k}": v for k, v in reference.items()}})
+                              **{f"random_init_{k}": float(np.mean([r[k] for r in references.values()]))
+                                 for k in references[space["seed"][0]]}})
         for f in out["files"]:
             tracking.log_artifact(f)
     print("# sweep\n\n" + to_markdown(_shown(out["table"])))

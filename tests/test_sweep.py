@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny(cfg, **over):
     return cfg.replace(**{"data.num_workers": 0, "mlflow.system_metrics": False, "eval_semi.epochs": 5,
                           "tune.pred_scale": [[0.15, 0.2], [0.075, 0.2]], "tune.strategy": ["multiblock"],
-                          "tune.epochs": 2, **over})  # 2 trials whatever params.yaml's tune section holds
+                          "tune.epochs": 2, "tune.num_samples": 1, **over})  # 2 trials, whatever params.yaml says
 
 
 def labelled(n_train=16, n_val=16, size=32, classes=4, seed=0):
@@ -56,12 +56,24 @@ def run_sweep(cfg, root):
 
 def test_grid_and_random_trial_counts(tiny_cfg):
     cfg = tiny(tiny_cfg, **{"tune.strategy": ["multiblock", "random"], "tune.num_samples": 2})
-    assert sweep.search_axes(cfg.tune)["pred_scale"] == [[0.15, 0.2], [0.075, 0.2]]
-    assert sweep.search_axes(cfg.tune)["reg"] == ["vicreg"]  # the demo's own regulariser unless asked
+    assert sweep.search_axes(cfg.tune, 0)["pred_scale"] == [[0.15, 0.2], [0.075, 0.2]]
+    assert sweep.search_axes(cfg.tune, 0)["reg"] == ["vicreg"]  # the demo's own regulariser unless asked
     assert sweep.num_trials(cfg.tune) == 2 * 2 * 2  # pred_scale x strategy x repeats
     regs = cfg.replace(**{"tune.reg": ["none", "vicreg", "sigreg"]}).tune
-    assert sweep.search_axes(regs)["reg"] == ["none", "vicreg", "sigreg"] and sweep.num_trials(regs) == 2 * 2 * 3 * 2
-    assert sweep.num_trials(cfg.replace(**{"tune.search": "random", "tune.num_samples": 3}).tune) == 3
+    assert sweep.search_axes(regs, 0)["reg"] == ["none", "vicreg", "sigreg"] and sweep.num_trials(regs) == 2 * 2 * 3 * 2
+    random = cfg.replace(**{"tune.search": "random", "tune.num_samples": 3}).tune
+    assert sweep.num_trials(random) == 3
+
+
+def test_grid_repeats_are_pretraining_seeds(tiny_cfg):
+    """The same setting at the same seed trains the same trial again: a grid's repeats differ in the seed."""
+    cfg = tiny(tiny_cfg, **{"tune.num_samples": 3})
+    assert sweep.search_axes(cfg.tune, 5)["seed"] == [5, 6, 7]
+    assert sweep.search_axes(cfg.replace(**{"tune.num_samples": 1}).tune, 5)["seed"] == [5]
+    assert sweep.search_axes(cfg.replace(**{"tune.search": "random"}).tune, 5)["seed"] == [5]  # draws differ anyway
+    params = {"strategy": "random", "num_targets": 4, "pred_scale": [0.15, 0.2], "enc_scale": [0.85, 1.0], "seed": 6}
+    assert sweep.trial_config(cfg, params).pretrain.seed == 6
+    assert sweep.trial_label(params) == "random M4 tgt 0.15-0.2 ctx 0.85-1 seed 6"
 
 
 def test_trial_config_sets_mask_budget_and_worker_share(tiny_cfg):
@@ -80,8 +92,8 @@ def test_trial_config_sets_mask_budget_and_worker_share(tiny_cfg):
     gpu = sweep.trial_config(cfg.replace(**{"tune.resources_per_trial": {"CPU": 2, "GPU": 1}}), params)
     assert gpu.ray.resources_per_worker == {"CPU": 1.0, "GPU": 0.5} and gpu.ray.use_gpu
     assert sweep.trial_label(params) == "random M2 tgt 0.1-0.2 ctx 0.65-1"
-    with pytest.raises(PipelineError, match="seed"):
-        sweep.trial_config(cfg, {**params, "seed": 1})
+    with pytest.raises(PipelineError, match="epochs"):
+        sweep.trial_config(cfg, {**params, "epochs": 1})
 
 
 def test_sweep_name_follows_tune_and_training_sections(tiny_cfg):
@@ -152,25 +164,25 @@ def test_probe_score_joins_epoch_reports_without_changing_training(tiny_cfg):
 def test_probe_score_standard_error_and_random_init_leave_the_shipped_copy_empty(tiny_cfg):
     cfg = tiny(tiny_cfg)
     score = ProbeScore(cfg, functools.partial(labelled, n_val=25))
-    ref = score.random_init()
+    ref = score.random_init(0)
     p = ref[sweep.SCORE] / 100
     assert ref[sweep.SCORE + "_se"] == pytest.approx(100 * (p * (1 - p) / 25) ** 0.5)
     assert score._data is None  # the score travels to every Ray worker: no datasets inside
-    assert score.random_init() == ref  # the twin is seeded by pretrain.seed: the same figures every time
-    reseeded = cfg.replace(**{"pretrain.seed": cfg.pretrain.seed + 1})
-    other = ProbeScore(reseeded, functools.partial(labelled, n_val=25))
-    assert other.random_init()["val_rankme"] != ref["val_rankme"]
+    assert score.random_init(0) == ref  # seeded: the same figures every time
+    assert score.random_init(1)["val_rankme"] != ref["val_rankme"]
 
 
 # ------------------------------------------------------------------------------------------ the table
 
 
-def record(tid, strategy, pred, scores, stopped_at=None, error=None, reg=None):
+def record(tid, strategy, pred, scores, stopped_at=None, error=None, reg=None, seed=None):
     hist = [{"epoch": e + 1, sweep.SCORE: s, sweep.SCORE + "_se": 2.0 + e, "probe_top5": 90.0, "val_rankme": 5.0,
              "rankme": 4.0, "epoch_loss": 0.3} for e, s in enumerate(scores[:stopped_at])]
     params = {"strategy": strategy, "num_targets": 4, "pred_scale": pred, "enc_scale": [0.85, 1.0]}
     if reg is not None:  # records of sweeps from before the reg axis have none
         params["reg"] = reg
+    if seed is not None:  # nor of the seed axis
+        params["seed"] = seed
     return {"trial_id": tid, "params": params, "history": hist, "error": error, "mlflow_run_id": f"run{tid}"}
 
 
@@ -194,7 +206,8 @@ def test_table_sorted_one_row_per_trial_with_early_stops(tiny_cfg, tmp_path):
     back = pd.read_csv(tmp_path / sweep.CSV)
     assert back["trial"].tolist() == ["c", "a", "b", "d"]
     md = (tmp_path / sweep.MARKDOWN).read_text().splitlines()
-    assert md[4].startswith("| trial | strategy |") and len([ln for ln in md if ln.startswith("| ")]) == 5
+    trial_table = md[:md.index("## Over pretraining seeds")]
+    assert md[4].startswith("| trial | strategy |") and len([ln for ln in trial_table if ln.startswith("| ")]) == 5
     best = json.loads((tmp_path / sweep.METRICS_JSON).read_text())
     assert best["best"]["trial"] == "c" and best["best_by_strategy"] == {"multiblock": 35.0, "random": 25.0}
     assert best["best_by_reg"] == {"none": 30.0, "vicreg": 35.0}
@@ -202,22 +215,35 @@ def test_table_sorted_one_row_per_trial_with_early_stops(tiny_cfg, tmp_path):
     assert out["summary"] == best
 
 
-def test_margin_over_random_init_and_standard_errors_reach_every_output(tiny_cfg, tmp_path):
-    trials = [record("a", "multiblock", [0.15, 0.2], [20.0, 30.0]), record("b", "random", [0.15, 0.2], [25.0, 22.0])]
-    ref = {sweep.SCORE: 18.0, sweep.SCORE + "_se": 4.0, "probe_top5": 60.0, "val_rankme": 3.0}
-    df = sweep.results_table(trials, epochs=2, reference=ref).set_index("trial")
-    assert df.loc["a", "margin"] == 12.0 and df.loc["b", "margin"] == 4.0
+def test_margins_over_each_seeds_random_init_and_the_spread_over_seeds_reach_every_output(tiny_cfg, tmp_path):
+    trials = [record("a", "multiblock", [0.15, 0.2], [20.0, 30.0], seed=0),
+              record("b", "random", [0.15, 0.2], [25.0, 22.0], seed=0),
+              record("c", "multiblock", [0.15, 0.2], [20.0, 26.0], seed=1),
+              record("d", "random", [0.15, 0.2], [25.0, 20.0], seed=1)]
+    refs = {0: {sweep.SCORE: 18.0, sweep.SCORE + "_se": 4.0, "probe_top5": 60.0, "val_rankme": 3.0},
+            1: {sweep.SCORE: 16.0, sweep.SCORE + "_se": 4.0, "probe_top5": 60.0, "val_rankme": 3.0}}
+    df = sweep.results_table(trials, epochs=2, references=refs).set_index("trial")
+    assert df["margin"].to_dict() == {"a": 12.0, "b": 4.0, "c": 10.0, "d": 4.0}  # each against its own seed's
     assert df.loc["a", sweep.SCORE + "_se"] == 3.0  # the last epoch's
     assert df.loc["a", "margin_se"] == pytest.approx(5.0)  # 3 and 4 in quadrature
-    out = sweep.write_outputs(tiny(tiny_cfg), tmp_path, trials, (4, 4), to_markdown, reference=ref)
+    settings = sweep.over_seeds(df.reset_index()).set_index("strategy")
+    assert settings.loc["multiblock", "seeds"] == 2 and settings.loc["multiblock", sweep.SCORE + "_mean"] == 28.0
+    assert settings.loc["multiblock", sweep.SCORE + "_std"] == pytest.approx(2 ** 0.5 * 2)  # 30, 26
+    assert settings.loc["random", "margin_mean"] == 4.0 and settings.loc["random", "margin_std"] == 0.0
+    out = sweep.write_outputs(tiny(tiny_cfg), tmp_path, trials, (4, 4), to_markdown, references=refs)
     best = json.loads((tmp_path / sweep.METRICS_JSON).read_text())
-    assert best["random_init"] == ref and best == out["summary"]
+    assert best["random_init"] == {"0": refs[0], "1": refs[1]} and best == out["summary"]
     assert best["best_by_strategy"] == {"multiblock": 30.0, "random": 22.0}
     assert best["best_by_strategy_se"] == {"multiblock": 3.0, "random": 3.0}
+    assert best["mean_by_strategy"]["multiblock"][sweep.SCORE + "_mean"] == 28.0
+    assert best["mean_by_strategy"]["random"]["margin_mean"] == 4.0 and len(best["over_seeds"]) == 2
     md = (tmp_path / sweep.MARKDOWN).read_text()
-    assert "18.00 (+- 4.00)" in md and "| margin | margin_se |" in md
-    assert pd.read_csv(tmp_path / sweep.CSV).set_index("trial").loc["a", "margin"] == 12.0
-    assert "margin" not in sweep.results_table(trials, epochs=2).columns  # no reference, no margin
+    assert "18.00 +- 4.00 (seed 0), 16.00 +- 4.00 (seed 1)" in md and "| margin | margin_se |" in md
+    assert "## Over pretraining seeds" in md and "| seeds |" in md
+    assert pd.read_csv(tmp_path / sweep.CSV).set_index("trial").loc["c", "margin"] == 10.0
+    old = sweep.results_table([record("e", "multiblock", [0.15, 0.2], [20.0, 30.0])], epochs=2, references=refs)
+    assert pd.isna(old.loc[0, "seed"]) and pd.isna(old.loc[0, "margin"])  # a record from before the seed axis
+    assert "margin" not in sweep.results_table(trials, epochs=2).columns  # no references, no margin
 
 
 def test_empty_sweep_is_one_line():
