@@ -23,6 +23,16 @@ def test_writes_resolved_config(tmp_path):
     assert out["config"]["data"]["image_size"] == 64
 
 
+def test_committed_resolved_config_is_what_params_yaml_resolves_to(tmp_path):
+    """reports/params.resolved.json is in git (a DVC out without cache): a copy older than params.yaml or the
+    config's defaults tells a reader a config no stage uses. `make repro` rewrites it; commit the result."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    assert run(tmp_path).returncode == 0
+    fresh = json.loads((tmp_path / "reports/params.resolved.json").read_text())
+    committed = json.loads((ROOT / "reports/params.resolved.json").read_text())
+    assert committed == fresh, "reports/params.resolved.json is stale: run `make repro` (or `dvc repro params`)"
+
+
 def test_bad_params_write_nothing(tmp_path):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["optim"]["lr"] = -1
