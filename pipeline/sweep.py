@@ -4,11 +4,14 @@ I-JEPA against VICReg / SIGReg) as one Ray Tune sweep: search space, trial confi
     run(cfg, root, score, to_markdown) -> summary   the sweep stage: validate, run (or resume), write outputs
 
 Each trial is a short pretraining with the pretrain stage's own loop (`pipeline.ray_train.build_trainer`),
-its mask keys and `optim.reg` replaced by the trial's values (`trial_config`), for `tune.epochs` epochs.
+its mask keys, `optim.reg` and `pretrain.seed` replaced by the trial's values (`trial_config`), for
+`tune.epochs` epochs; a grid's `tune.num_samples` repeats are pretraining seeds (`search_axes`).
 After every epoch rank 0 scores the target encoder with the `score` the stage passes in
 (`evals.sweep_score.ProbeScore`): a linear probe on the pooled features of the 1% train list, top-1 on
-val (`probe_top1`, what ASHA compares, higher is better) and RankMe of the val features (`val_rankme`,
-label-free). A sweep is named by the hash of the tune, training and 1%-probe sections (`sweep_name`);
+val (`probe_top1`, what ASHA compares, higher is better) with its standard error, and RankMe of the val
+features (`val_rankme`, label-free). The untrained random-init encoder of each seed is scored alike, once:
+each trial's `margin` is over its seed's, and a second table gives each setting's mean and std over its
+seeds (`over_seeds`). A sweep is named by the hash of the tune, training and 1%-probe sections (`sweep_name`);
 rerunning the stage resumes an interrupted sweep and only rewrites the outputs of a finished one.
 
 Resources. `tune.resources_per_trial` is what one trial's TorchTrainer workers hold together: each of the
