@@ -48,7 +48,7 @@ SCORE = "probe_top1"  # ASHA's metric (mode max): 1% linear probe top-1 on val, 
 # The keys a trial sets: search axis -> the dotted config key it replaces.
 AXES = {"strategy": "mask.strategy", "num_targets": "mask.num_targets", "pred_scale": "mask.pred_scale",
         "enc_scale": "mask.enc_scale", "reg": "optim.reg", "seed": "pretrain.seed"}
-CONFIG_AXES = ("strategy", "num_targets", "pred_scale", "enc_scale", "reg")  # a trial's setting, seeds aside
+CONFIG_AXES = tuple(axis for axis in AXES if axis != "seed")  # a trial's setting, seeds aside
 HISTORY_KEYS = ("epoch", "step", "epoch_loss", "rankme", SCORE, SCORE + "_se", "probe_top5", "val_rankme")  # per epoch
 SWEEP_SECTIONS = ("tune", "data", "mask", "model", "optim", "pretrain", "eval_semi")
 CPU_TRIAL_DRIVER = 0.01  # the trial's driver only waits on its TorchTrainer; Ray refuses {"CPU": 0}
@@ -150,9 +150,9 @@ class EpochScore(Protocol):
 
     def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]: ...
 
-    def random_init(self, seed: int) -> dict[str, float]:
-        """The same figures for the untrained, random-init target encoder of pretraining seed `seed`: the
-        level a trial of that seed must leave."""
+    def random_init(self, seeds: Sequence[int]) -> dict[int, dict[str, float]]:
+        """{seed: the same figures for the untrained, random-init target encoder of that pretraining seed}:
+        the level a trial of that seed must leave."""
         ...
 
 
@@ -343,7 +343,7 @@ def run(cfg: Config, root: str | Path | None, score: EpochScore, to_markdown: Ca
     dataset_fn = dataset_fn or functools.partial(pretrain_dataset, cfg, str(root))
     dataset_fn()  # missing data: one line here, not inside a Ray worker
     score.check()
-    references = {seed: score.random_init(seed) for seed in space["seed"]}
+    references = score.random_init(space["seed"])
     spec = ray_tune.SweepSpec(name=sweep_name(cfg), space=space, trial_config=trial_config,
                               label=trial_label, concurrency=check_resources, dataset_fn=dataset_fn, score=score,
                               metric=SCORE, history_keys=HISTORY_KEYS, driver_resources={"CPU": CPU_TRIAL_DRIVER})

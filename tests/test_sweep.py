@@ -164,12 +164,13 @@ def test_probe_score_joins_epoch_reports_without_changing_training(tiny_cfg):
 def test_probe_score_standard_error_and_random_init_leave_the_shipped_copy_empty(tiny_cfg):
     cfg = tiny(tiny_cfg)
     score = ProbeScore(cfg, functools.partial(labelled, n_val=25))
-    ref = score.random_init(0)
+    refs = score.random_init([0, 1])
+    ref = refs[0]
     p = ref[sweep.SCORE] / 100
     assert ref[sweep.SCORE + "_se"] == pytest.approx(100 * (p * (1 - p) / 25) ** 0.5)
     assert score._data is None  # the score travels to every Ray worker: no datasets inside
-    assert score.random_init(0) == ref  # seeded: the same figures every time
-    assert score.random_init(1)["val_rankme"] != ref["val_rankme"]
+    assert score.random_init([0]) == {0: ref}  # seeded: the same figures every time
+    assert refs[1]["val_rankme"] != ref["val_rankme"]
 
 
 # ------------------------------------------------------------------------------------------ the table
