@@ -67,6 +67,17 @@ def scenes(seed: int, n_train: int, n_val: int, size: int, processes: int) -> di
     return dict(np.load(path))
 
 
+def extra_scenes(seed: int, start: int, stop: int, size: int, processes: int) -> np.ndarray:
+    """Images (stop - start, S, S, 3) uint8 of the unlabelled training scenes start..stop-1, cached on disk:
+    more pretraining data than the probes' train set (whose scenes are 0..start-1)."""
+    generator = hashlib.sha256(Path(scenes_module.__file__).read_bytes()).hexdigest()[:12]
+    path = ROOT / ".cache" / f"demo_quality_extra_{seed}_{start}_{stop}_{size}_{generator}.npy"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, np.stack([s.image for s in render_many(seed, range(start, stop), size, processes=processes)]))
+    return np.load(path)
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """(n, S, S, 3) uint8 -> (n, 3, S, S) float, ImageNet-normalised."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
@@ -129,12 +140,14 @@ def probe(encoder: torch.nn.Module, xtr: torch.Tensor, xva: torch.Tensor, d: dic
     return out
 
 
-def pretrain(cfg, xtr: torch.Tensor, steps: int, at: dict[int, callable] | None = None
-             ) -> tuple[torch.nn.Module, dict[str, float]]:
+def pretrain(cfg, xtr: torch.Tensor, steps: int, at: dict[int, callable] | None = None,
+             epoch_size: int | None = None) -> tuple[torch.nn.Module, dict[str, float]]:
     """I-JEPA on `xtr` (n, 3, S, S) for `steps` rounded to whole epochs; (model, timing and final loss).
 
-    `at` maps step counts to callbacks `fn(model)` run after that many steps (a learning curve on one
-    schedule); their time is not counted in `train_s`.
+    `epoch_size` (default len(xtr)) sets the schedules' epoch (the batches are drawn with replacement):
+    more scenes at the same epoch size keep the schedules step for step. `at` maps step counts to
+    callbacks `fn(model)` run after that many steps (a learning curve on one schedule); their time is not
+    counted in `train_s`.
     """
     import torchvision.transforms.v2 as T
 
@@ -143,7 +156,7 @@ def pretrain(cfg, xtr: torch.Tensor, steps: int, at: dict[int, callable] | None 
     torch.manual_seed(cfg.pretrain.seed)
     model = build_ijepa(cfg)
     sampler = MaskSampler(cfg.mask, model.encoder.grid_size, seed=cfg.pretrain.seed)
-    steps_per_epoch = len(xtr) // B
+    steps_per_epoch = (epoch_size or len(xtr)) // B
     sched = Schedules(cfg.optim, steps_per_epoch, max(1, round(steps / steps_per_epoch)))
     opt = build_optimizer(model, cfg.optim)
     model.train()
@@ -195,6 +208,9 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=2400)
     ap.add_argument("--val", type=int, default=800)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pretrain-scenes", type=int, default=0, metavar="N",
+                    help="pretrain on N scenes (the probes' --train scenes plus unlabelled ones up to N); "
+                         "0: on the --train scenes, as the pipeline does")
     ap.add_argument("--seeds", type=int, default=1, metavar="N",
                     help="pretrain N times (pretrain.seed, +1, ...): every run, and the band of the target's figures; "
                          "at the demo's 222 steps the seed moves the scores as much as any setting")
@@ -214,6 +230,10 @@ def main() -> None:
     S = cfg.data.image_size
     d = scenes(cfg.data.synthetic.seed, args.train, args.val, S, cfg.data.synthetic.processes)
     xtr, xva = to_tensor(d["xtr"]), to_tensor(d["xva"])
+    xpre = xtr
+    if args.pretrain_scenes > args.train:
+        more = extra_scenes(cfg.data.synthetic.seed, args.train, args.pretrain_scenes, S, cfg.data.synthetic.processes)
+        xpre = torch.cat([xtr, to_tensor(more)])
 
     torch.manual_seed(cfg.pretrain.seed + 1)
     random_encoder = build_encoder(cfg.model, S)
@@ -226,7 +246,7 @@ def main() -> None:
             at = {k: (lambda mdl, k=k, c=curve, sc=seed_cfg: c.__setitem__(
                       k, {**probe(mdl.target_encoder, xtr, xva, d), **diagnostics(mdl, sc, xva)}))
                   for k in (args.curve if i == 0 else [])}
-            m, stats = pretrain(seed_cfg, xtr, args.steps, at)
+            m, stats = pretrain(seed_cfg, xpre, args.steps, at, epoch_size=len(xtr))
             if curve:
                 stats["curve"] = curve
             if i == 0:
