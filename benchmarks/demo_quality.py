@@ -49,14 +49,19 @@ VAL_OFFSET = 1_000_000  # validation scene indices start here: disjoint from the
 SUBSET_PER_CLASS = 12  # shape_1pct: the probe on 12 labelled scenes a class, as the pipeline's 1 % list
 
 
+def cache_path(stem: str, suffix: str) -> Path:
+    """.cache/<stem>_<hash><suffix>: the hash is of the generator's source, so an edit of scenes.py renders
+    afresh instead of reusing the old scenes."""
+    generator = hashlib.sha256(Path(scenes_module.__file__).read_bytes()).hexdigest()[:12]
+    return ROOT / ".cache" / f"{stem}_{generator}{suffix}"
+
+
 def scenes(seed: int, n_train: int, n_val: int, size: int, processes: int) -> dict[str, np.ndarray]:
     """Images (n, S, S, 3) uint8, shape labels and counts for train and val, cached on disk.
 
-    The cache's name carries a hash of the generator's source, so an edit of scenes.py renders afresh
-    instead of reusing the old scenes.
+    Cached under `cache_path`, whose name follows the generator's source.
     """
-    generator = hashlib.sha256(Path(scenes_module.__file__).read_bytes()).hexdigest()[:12]
-    path = ROOT / ".cache" / f"demo_quality_{seed}_{n_train}_{n_val}_{size}_{generator}.npz"
+    path = cache_path(f"demo_quality_{seed}_{n_train}_{n_val}_{size}", ".npz")
     if not path.is_file():
         tr = render_many(seed, range(n_train), size, processes=processes)
         va = render_many(seed, range(VAL_OFFSET, VAL_OFFSET + n_val), size, processes=processes)
@@ -70,8 +75,7 @@ def scenes(seed: int, n_train: int, n_val: int, size: int, processes: int) -> di
 def extra_scenes(seed: int, start: int, stop: int, size: int, processes: int) -> np.ndarray:
     """Images (stop - start, S, S, 3) uint8 of the unlabelled training scenes start..stop-1, cached on disk:
     more pretraining data than the probes' train set (whose scenes are 0..start-1)."""
-    generator = hashlib.sha256(Path(scenes_module.__file__).read_bytes()).hexdigest()[:12]
-    path = ROOT / ".cache" / f"demo_quality_extra_{seed}_{start}_{stop}_{size}_{generator}.npy"
+    path = cache_path(f"demo_quality_extra_{seed}_{start}_{stop}_{size}", ".npy")
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, np.stack([s.image for s in render_many(seed, range(start, stop), size, processes=processes)]))
@@ -224,6 +228,8 @@ def main() -> None:
                     help="also probe the count on grey-level images (target and random encoders), where the "
                          "colour-diversity cue of benchmarks/count_cues.py is gone")
     args = ap.parse_args()
+    if 0 < args.pretrain_scenes < args.train:
+        ap.error(f"--pretrain-scenes {args.pretrain_scenes}: expected 0 or at least --train ({args.train})")
     torch.set_num_threads(args.threads)
     over = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     cfg = load_config(ROOT / "params.yaml").replace(**over)
