@@ -33,6 +33,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/demo_quality.py` from the root
 
 import pipeline.data.scenes as scenes_module  # noqa: E402
+from pipeline.atomic import atomic_write  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.scenes import render_many  # noqa: E402
 from pipeline.data.transforms import CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -65,10 +66,10 @@ def scenes(seed: int, n_train: int, n_val: int, size: int, processes: int) -> di
     if not path.is_file():
         tr = render_many(seed, range(n_train), size, processes=processes)
         va = render_many(seed, range(VAL_OFFSET, VAL_OFFSET + n_val), size, processes=processes)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, xtr=np.stack([s.image for s in tr]), xva=np.stack([s.image for s in va]),
-                 ytr=[s.label for s in tr], yva=[s.label for s in va],
-                 ctr=[s.count for s in tr], cva=[s.count for s in va])
+        arrays = dict(xtr=np.stack([s.image for s in tr]), xva=np.stack([s.image for s in va]),
+                      ytr=[s.label for s in tr], yva=[s.label for s in va],
+                      ctr=[s.count for s in tr], cva=[s.count for s in va])
+        atomic_write(path, lambda tmp: np.savez(tmp, **arrays))  # two runs at once: neither reads a half file
     return dict(np.load(path))
 
 
@@ -77,8 +78,8 @@ def extra_scenes(seed: int, start: int, stop: int, size: int, processes: int) ->
     more pretraining data than the probes' train set (whose scenes are 0..start-1)."""
     path = cache_path(f"demo_quality_extra_{seed}_{start}_{stop}_{size}", ".npy")
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, np.stack([s.image for s in render_many(seed, range(start, stop), size, processes=processes)]))
+        images = np.stack([s.image for s in render_many(seed, range(start, stop), size, processes=processes)])
+        atomic_write(path, lambda tmp: np.save(tmp, images))
     return np.load(path)
 
 
