@@ -146,13 +146,15 @@ def probe(encoder: torch.nn.Module, xtr: torch.Tensor, xva: torch.Tensor, d: dic
 
 
 def pretrain(cfg, xtr: torch.Tensor, steps: int, at: dict[int, callable] | None = None,
-             epoch_size: int | None = None) -> tuple[torch.nn.Module, dict[str, float]]:
+             epoch_size: int | None = None,
+             model_hook: callable | None = None) -> tuple[torch.nn.Module, dict[str, float]]:
     """I-JEPA on `xtr` (n, 3, S, S) for `steps` rounded to whole epochs; (model, timing and final loss).
 
     `epoch_size` (default len(xtr)) sets the schedules' epoch (the batches are drawn with replacement):
     more scenes at the same epoch size keep the schedules step for step. `at` maps step counts to
     callbacks `fn(model)` run after that many steps (a learning curve on one schedule); their time is not
-    counted in `train_s`.
+    counted in `train_s`. `model_hook(model)`, if given, may alter the freshly built model before training
+    (benchmarks/collapse_alarms.py removes its stop-gradient).
     """
     import torchvision.transforms.v2 as T
 
@@ -160,6 +162,8 @@ def pretrain(cfg, xtr: torch.Tensor, steps: int, at: dict[int, callable] | None 
     aug = T.Compose([T.RandomResizedCrop(S, scale=CROP_SCALE, antialias=True), T.RandomHorizontalFlip()])
     torch.manual_seed(cfg.pretrain.seed)
     model = build_ijepa(cfg)
+    if model_hook is not None:
+        model_hook(model)
     sampler = MaskSampler(cfg.mask, model.encoder.grid_size, seed=cfg.pretrain.seed)
     steps_per_epoch = (epoch_size or len(xtr)) // B
     sched = Schedules(cfg.optim, steps_per_epoch, max(1, round(steps / steps_per_epoch)))

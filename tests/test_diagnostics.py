@@ -71,3 +71,42 @@ def test_trivial_loss_is_the_context_mean_guess(model_and_batch):
     flat = torch.randn(64, 3, 1, 1).expand_as(images).contiguous()  # one colour per image: patches alike
     d = diagnose(model, flat, masks_enc, masks_pred)
     assert d["trivial_loss"] < 1e-6 and d["heldout_loss"] > 1e-3
+
+
+def _train(cfg, images, steps, stop_gradient):
+    """`steps` AdamW steps of I-JEPA on `images` (fixed lr, no regulariser). With the stop-gradient: the
+    preset's EMA teacher (momentum 0.98). Without: the targets come from the context encoder with their
+    gradient and the teacher copies it (momentum 0), what the EMA and the stop-gradient exist to prevent."""
+    from pipeline.models.ijepa import select_targets
+
+    cfg = cfg.replace(**{"optim.reg": "none"})
+    torch.manual_seed(0)
+    model = build_ijepa(cfg)
+    if not stop_gradient:
+        model.targets = lambda x, masks_pred: select_targets(model.encoder(x), masks_pred)
+    sampler = MaskSampler(cfg.mask, model.encoder.grid_size, seed=0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    for step in range(steps):
+        idx = torch.randint(0, len(images), (16,), generator=torch.Generator().manual_seed(step))
+        out = model(images[idx], *sampler.sample(16, step))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        model.update_target(cfg.optim.ema[0] if stop_gradient else 0.0)
+    return model
+
+
+def test_training_without_stop_gradient_trips_the_collapse_alarm(tiny_cfg):
+    """The deliberately collapsing run: with the gradient flowing into the targets, the encoder maps every
+    image to (nearly) one vector within a few dozen steps and the feature-std alarm fires; the same steps
+    with the stop-gradient and the EMA teacher leave the alarms silent."""
+    g = torch.Generator().manual_seed(1)
+    images, held_out = torch.randn(256, 3, 32, 32, generator=g), torch.randn(64, 3, 32, 32, generator=g)
+    sampler = MaskSampler(tiny_cfg.mask, (4, 4), seed=0)
+    masks = sampler.sample(64, 2**40)
+    p = tiny_cfg.pretrain
+    collapsed = diagnose(_train(tiny_cfg, images, 40, stop_gradient=False), held_out, *masks)
+    healthy = diagnose(_train(tiny_cfg, images, 40, stop_gradient=True), held_out, *masks)
+    assert alarms(collapsed, p.collapse_std_min, p.collapse_rank_min)[0].startswith("feature_std")
+    assert alarms(healthy, p.collapse_std_min, p.collapse_rank_min) == []
+    assert collapsed["feature_std"] < healthy["feature_std"] / 4, (collapsed, healthy)  # measured 0.006 vs 0.035
