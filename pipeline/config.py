@@ -205,6 +205,9 @@ class PretrainConfig:
     bf16: bool = True  # autocast on GPU only
     collapse_std_min: float = 0.01  # std across images of the pooled target features (diagnostics batch)
     collapse_rank_min: float = 2.0  # RankMe of the centred pooled target features (diagnostics batch)
+    # ... and when that std falls below this share of its value at init (the random-init encoder on the same
+    # batch): features shrinking towards one vector for all images (EMA momentum 0 reads ~0.15); 0: off
+    collapse_std_drop: float = 0.25
     diag_every: int = 500  # steps between collapse/shortcut diagnostics (pipeline/diagnostics.py), and the last
     diag_images: int = 256  # the fixed diagnostics batch: held-out (val) images; 0 turns diagnostics off
     out_dir: str = "models"
@@ -216,6 +219,8 @@ class PretrainConfig:
             _check(getattr(self, key) >= 1, key, getattr(self, key), "an integer >= 1")
         _check(self.diag_images >= 0, "diag_images", self.diag_images, "an integer >= 0 (0: no diagnostics)")
         _check(self.max_failures >= -1, "max_failures", self.max_failures, "an integer >= -1 (-1: unlimited)")
+        _check(0.0 <= self.collapse_std_drop < 1.0, "collapse_std_drop", self.collapse_std_drop,
+               "a number in [0, 1) (0: off)")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@
 * ``trivial_loss``: the same loss for a predictor that guesses every target patch as the mean of the
   context patches' targets. When the model barely beats it, the task is too easy to teach anything.
 
-All are floats; `alarms(diag, std_min, rank_min)` names what reads as collapse.
+All are floats; `alarms(diag, std_min, rank_min, ...)` names what reads as collapse.
 """
 
 from __future__ import annotations
@@ -74,13 +74,22 @@ def diagnose(model: torch.nn.Module, images: Tensor, masks_enc: Tensor, masks_pr
         model.train(was_training)
 
 
-def alarms(diag: dict[str, float], std_min: float, rank_min: float, armed: bool = False) -> list[str]:
+def alarms(diag: dict[str, float], std_min: float, rank_min: float, armed: bool = False,
+           std_init: float | None = None, std_drop: float = 0.0) -> list[str]:
     """What in `diag` reads as collapse (low feature std, low RankMe) or, when `armed` (the model has beaten
     the context-mean guess at an earlier check: an untrained predictor never does), as a task turned
-    trivial (the model no better than that guess again, within-image collapse's signature): [] when healthy."""
+    trivial (the model no better than that guess again, within-image collapse's signature): [] when healthy.
+
+    `std_init` (the random-init encoder's feature_std on the same batch) with `std_drop` > 0 also flags a
+    feature std below std_drop * std_init: the features of all images shrinking towards one vector without
+    reaching the absolute floor (EMA momentum 0 on the demo: 0.012-0.02, against 0.09 at init and 0.13-0.17
+    for the preset).
+    """
     out = []
     if diag["feature_std"] < std_min:
         out.append(f"feature_std {diag['feature_std']:.4g} < {std_min:g}")
+    elif std_init is not None and std_drop > 0 and diag["feature_std"] < std_drop * std_init:
+        out.append(f"feature_std {diag['feature_std']:.4g} < {std_drop:g} x its value at init ({std_init:.4g})")
     if diag["rankme"] < rank_min:
         out.append(f"rankme {diag['rankme']:.3g} < {rank_min:g}")
     if armed and diag["heldout_loss"] >= diag["trivial_loss"]:

@@ -129,6 +129,15 @@ class _Worker:
         torch.manual_seed(p.seed)  # identical init on every rank (DDP broadcasts rank 0's anyway)
         self.model = build_ijepa(cfg).to(device).train()
         self.opt = build_optimizer(self.model, cfg.optim)
+        self.diag_batch, self.std_init = None, None
+        if self.rank == 0 and p.diag_images > 0:
+            with torch.random.fork_rng(devices=[]):  # the training's random stream stays as without diagnostics
+                images = heldout if heldout is not None else fixed_batch(dataset, p.diag_images, p.seed)
+                masks = MaskSampler(cfg.mask, self.model.encoder.grid_size, p.seed).sample(len(images), DIAG_MASK_STEP)
+                self.diag_batch = (images.to(device), *(m.to(device) for m in masks))
+                # The model is still its seeded init here, before any restore: the alarms' reference.
+                with autocast(device, p.bf16):
+                    self.std_init = diagnose(self.model, *self.diag_batch)["feature_std"]
         self.step, self.history, self.wall0, epoch_loss = 0, [], 0.0, 0.0
         if restore is not None:
             self.model.load_state_dict(restore["model"])
@@ -145,10 +154,6 @@ class _Worker:
         sampler = MaskSampler(cfg.mask, self.model.encoder.grid_size, p.seed)
         self.loader = StepLoader(dataset, sampler, p.batch_size, p.seed, self.rank, self.world,
                                  cfg.data.num_workers, pin_memory=device.type == "cuda")
-        self.diag_batch = None
-        if self.rank == 0 and p.diag_images > 0:
-            images = heldout if heldout is not None else fixed_batch(dataset, p.diag_images, p.seed)
-            self.diag_batch = (images.to(device), *(m.to(device) for m in sampler.sample(len(images), DIAG_MASK_STEP)))
         self.bad_step = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=device)
         self.epoch_loss = torch.full((), epoch_loss, device=device)  # sum of this epoch's losses (this rank)
         self.t_start, self.t_log, self.step_log = time.perf_counter(), time.perf_counter(), self.step
@@ -191,7 +196,7 @@ class _Worker:
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
         if is_diag and self.diag_batch is not None:
             self.collapse_tagged = _collapse_alarm(self.cfg, row, tracker, self.collapse_tagged,
-                                                   _beaten_guess(self.history[:-1]))
+                                                   _beaten_guess(self.history[:-1]), self.std_init)
 
     def _row(self, out: IJEPAOutput, is_diag: bool) -> dict[str, float]:
         """The CURVE_COLUMNS of this step: loss terms averaged over ranks (one host sync), the schedules it
@@ -277,11 +282,11 @@ def _beaten_guess(rows: list[dict[str, float]]) -> bool:
 
 
 def _collapse_alarm(cfg: Config, row: dict[str, float], tracker: Tracker | None, tagged: bool,
-                    armed: bool) -> bool:
+                    armed: bool, std_init: float | None) -> bool:
     """Warn (once per run) and tag the MLflow run when the diagnostics batch shows collapse or, `armed`,
-    a task turned trivial (see `pipeline.diagnostics.alarms`)."""
+    a task turned trivial (see `pipeline.diagnostics.alarms`; `std_init`: the init's feature std)."""
     p = cfg.pretrain
-    found = alarms(row, p.collapse_std_min, p.collapse_rank_min, armed)
+    found = alarms(row, p.collapse_std_min, p.collapse_rank_min, armed, std_init, p.collapse_std_drop)
     if not found or tagged:
         return tagged
     what = f"step {row['step']}: " + ", ".join(found)

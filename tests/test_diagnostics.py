@@ -54,6 +54,18 @@ def test_input_independent_encoder_raises_both_alarms(model_and_batch):
     assert d["image_share"] < 1e-6 and d["position_share"] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_feature_std_far_below_its_init_value_raises_the_alarm():
+    """EMA momentum 0 on the demo: 0.012-0.02 against 0.09 at init, above the absolute floor 0.01."""
+    ema0 = {"feature_std": 0.0135, "rankme": 25.0, "heldout_loss": 0.002, "trivial_loss": 0.003}
+    assert alarms(ema0, 0.01, 2.0) == []
+    found = alarms(ema0, 0.01, 2.0, std_init=0.089, std_drop=0.25)
+    assert found == ["feature_std 0.0135 < 0.25 x its value at init (0.089)"]
+    assert alarms({**ema0, "feature_std": 0.15}, 0.01, 2.0, std_init=0.089, std_drop=0.25) == []  # the preset
+    assert alarms(ema0, 0.01, 2.0, std_init=0.089, std_drop=0.0) == []  # off
+    collapsed = {**ema0, "feature_std": 0.001}  # below the floor: one message, not two
+    assert alarms(collapsed, 0.01, 2.0, std_init=0.089, std_drop=0.25) == ["feature_std 0.001 < 0.01"]
+
+
 def test_a_trivial_task_raises_the_shortcut_alarm():
     healthy = {"feature_std": 0.2, "rankme": 30.0, "heldout_loss": 0.3, "trivial_loss": 0.45}
     assert alarms(healthy, 0.01, 2.0) == []

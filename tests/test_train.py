@@ -123,3 +123,37 @@ def test_tracker_gets_every_log_step_and_one_collapse_tag(cfg, capsys):
     assert set(tracker.logged[0][1]) == set(CURVE_COLUMNS) - {"step"}
     assert len(tracker.tags) == 1 and tracker.tags[0][0] == "collapse" and "step 2: rankme" in tracker.tags[0][1]
     assert "representation collapse" in capsys.readouterr().out
+
+
+
+def test_init_relative_std_alarm_keeps_its_reference_across_a_resume(cfg, monkeypatch):
+    """The feature-std reference is the seeded init's, computed before any restore (a resumed worker has the
+    same), and the alarm compares each check with it: an init that read 100x larger trips it at step 2."""
+    from pipeline import train
+    from pipeline.diagnostics import diagnose
+    from pipeline.models.ijepa import build_ijepa
+
+    data = RandomImages(48, 32)
+    part = Recorder()
+    train_worker(cfg, data, part, max_epochs=2)
+    ckpt = next(c for c in part.checkpoints if c["step"] == 4)
+    fresh = train._Worker(cfg, data, torch.device("cpu"), None, None, None)
+    resumed = train._Worker(cfg, data, torch.device("cpu"), ckpt, None, None)
+    torch.manual_seed(cfg.pretrain.seed)
+    assert resumed.std_init == fresh.std_init == diagnose(build_ijepa(cfg), *fresh.diag_batch)["feature_std"]
+
+    calls = []
+
+    def inflated_init(model, *batch):
+        out = diagnose(model, *batch)
+        calls.append(out["feature_std"])
+        return {**out, "feature_std": out["feature_std"] * 100} if len(calls) == 1 else out
+
+    monkeypatch.setattr(train, "diagnose", inflated_init)
+    tracker = FakeTracker()
+    train_worker(cfg, data, Recorder(), tracker=tracker)
+    assert len(tracker.tags) == 1 and tracker.tags[0][1].startswith("step 2: feature_std")
+    assert f"< 0.25 x its value at init ({calls[0] * 100:.4g})" in tracker.tags[0][1]
+    tracker = FakeTracker()
+    train_worker(cfg.replace(**{"pretrain.collapse_std_drop": 0.0}), data, Recorder(), tracker=tracker)
+    assert tracker.tags == []  # 0: off
