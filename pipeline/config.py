@@ -206,8 +206,8 @@ class PretrainConfig:
     collapse_std_min: float = 0.01  # std across images of the pooled target features (diagnostics batch)
     collapse_rank_min: float = 2.0  # RankMe of the centred pooled target features (diagnostics batch)
     # ... and when that std falls below this share of its value at init (the random-init encoder on the same
-    # batch): features shrinking towards one vector for all images (EMA momentum 0 reads ~0.15); 0: off
-    collapse_std_drop: float = 0.25
+    # batch): features shrinking towards one vector for all images (EMA momentum 0: 0.14-0.22); 0: off
+    collapse_std_drop: float = 0.3
     diag_every: int = 500  # steps between collapse/shortcut diagnostics (pipeline/diagnostics.py), and the last
     diag_images: int = 256  # the fixed diagnostics batch: held-out (val) images; 0 turns diagnostics off
     out_dir: str = "models"

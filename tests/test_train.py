@@ -153,7 +153,7 @@ def test_init_relative_std_alarm_keeps_its_reference_across_a_resume(cfg, monkey
     tracker = FakeTracker()
     train_worker(cfg, data, Recorder(), tracker=tracker)
     assert len(tracker.tags) == 1 and tracker.tags[0][1].startswith("step 2: feature_std")
-    assert f"< 0.25 x its value at init ({calls[0] * 100:.4g})" in tracker.tags[0][1]
+    assert f"< {cfg.pretrain.collapse_std_drop:g} x its value at init ({calls[0] * 100:.4g})" in tracker.tags[0][1]
     tracker = FakeTracker()
     train_worker(cfg.replace(**{"pretrain.collapse_std_drop": 0.0}), data, Recorder(), tracker=tracker)
     assert tracker.tags == []  # 0: off
