@@ -157,3 +157,28 @@ def test_init_relative_std_alarm_keeps_its_reference_across_a_resume(cfg, monkey
     tracker = FakeTracker()
     train_worker(cfg.replace(**{"pretrain.collapse_std_drop": 0.0}), data, Recorder(), tracker=tracker)
     assert tracker.tags == []  # 0: off
+
+
+class NoisyImages(torch.utils.data.Dataset):
+    """Images whose every read draws from torch's global RNG, as a random-crop train transform does."""
+
+    def __init__(self, n, size):
+        self.images = RandomImages(n, size)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i] + 0.01 * torch.rand(())
+
+
+def test_diagnostics_on_the_train_set_leave_the_training_unchanged(cfg):
+    """Without a held-out batch (the sweep's trials) the diagnostics batch is read from the train set, whose
+    transform is random: that read must not advance the training's random stream (it used to: a trial's
+    weights depended on `pretrain.diag_images`)."""
+    data = NoisyImages(48, 32)
+    with_diag, without = Recorder(), Recorder()
+    train_worker(cfg, data, with_diag)
+    train_worker(cfg.replace(**{"pretrain.diag_images": 0}), data, without)
+    for name, t in with_diag.checkpoints[-1]["model"].items():
+        assert torch.equal(t, without.checkpoints[-1]["model"][name]), name
