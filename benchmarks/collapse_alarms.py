@@ -68,6 +68,7 @@ def run(cfg, name: str, xtr: torch.Tensor, xva: torch.Tensor, steps: int, every:
         checks[step] = {**row, "alarms": found}
 
     at = {k: (lambda m, k=k: check(m, k)) for k in range(every, steps + 1, every)}
+
     def hook(model):
         state["std_init"] = diagnostics(model, cfg, xva)["feature_std"]  # the seeded init, as pipeline.train
         if name == "no_stop_grad":

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from pipeline.batches import StepLoader, fixed_batch, steps_per_epoch
 from pipeline.config import Config
-from pipeline.diagnostics import DIAG_COLUMNS, alarms, diagnose
+from pipeline.diagnostics import DIAG_COLUMNS, alarms, diagnose, representation_stats
 from pipeline.errors import PipelineError
 from pipeline.masks import MaskSampler
 from pipeline.models.ijepa import IJEPA, IJEPAOutput, build_ijepa
@@ -129,15 +129,16 @@ class _Worker:
         torch.manual_seed(p.seed)  # identical init on every rank (DDP broadcasts rank 0's anyway)
         self.model = build_ijepa(cfg).to(device).train()
         self.opt = build_optimizer(self.model, cfg.optim)
+        sampler = MaskSampler(cfg.mask, self.model.encoder.grid_size, p.seed)
         self.diag_batch, self.std_init = None, None
         if self.rank == 0 and p.diag_images > 0:
             with torch.random.fork_rng(devices=[]):  # the training's random stream stays as without diagnostics
                 images = heldout if heldout is not None else fixed_batch(dataset, p.diag_images, p.seed)
-                masks = MaskSampler(cfg.mask, self.model.encoder.grid_size, p.seed).sample(len(images), DIAG_MASK_STEP)
+                masks = sampler.sample(len(images), DIAG_MASK_STEP)
                 self.diag_batch = (images.to(device), *(m.to(device) for m in masks))
                 # The model is still its seeded init here, before any restore: the alarms' reference.
-                with autocast(device, p.bf16):
-                    self.std_init = diagnose(self.model, *self.diag_batch)["feature_std"]
+                with torch.no_grad(), autocast(device, p.bf16):
+                    self.std_init = representation_stats(self.model.target_encoder(self.diag_batch[0]))["feature_std"]
         self.step, self.history, self.wall0, epoch_loss = 0, [], 0.0, 0.0
         if restore is not None:
             self.model.load_state_dict(restore["model"])
@@ -151,7 +152,6 @@ class _Worker:
             self.net = nn.parallel.DistributedDataParallel(self.model,
                                                            device_ids=[device] if device.type == "cuda" else None)
 
-        sampler = MaskSampler(cfg.mask, self.model.encoder.grid_size, p.seed)
         self.loader = StepLoader(dataset, sampler, p.batch_size, p.seed, self.rank, self.world,
                                  cfg.data.num_workers, pin_memory=device.type == "cuda")
         self.bad_step = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=device)
