@@ -146,14 +146,14 @@ def _write_outputs(cfg: Config, root: Path, checkpoint: str, run_id: str, name: 
                "steps": int(state["step"]), "epochs": cfg.pretrain.epochs, "batch_size": cfg.pretrain.batch_size,
                "images_per_s": float(summary.get("images_per_s", 0.0)), "wall_s": float(summary.get("wall_s", 0.0)),
                "final_target_std": float(last["target_std"]) if last is not None else None,
-               **_last_diagnostics(history),
+               **_last_diagnostics(history), "feature_std_init": _float_or_none(summary.get("feature_std_init")),
                "num_workers": cfg.ray.num_workers, "resumed_from_step": int(summary.get("resumed_from", 0)),
                "retrained": bool(summary["retrained"]), "ray_run_name": name, "mlflow_run_id": run_id}
     csv_path, json_path = paths["curve"], paths["metrics"]
     atomic_write(csv_path, lambda tmp: history.to_csv(tmp, index=False))
     atomic_write_json(json_path, metrics, sort_keys=False)
 
-    png = _curves_png(cfg, history, paths["curves_png"])
+    png = _curves_png(cfg, history, paths["curves_png"], metrics["feature_std_init"])
     # The local outputs are written; a server gone now fails the stage, and a rerun (not retraining) logs again.
     unsent = storage.join(storage.resolve(root, cfg.ray.storage_path), name, tracking.UNSENT_FILE)
     waiting = tracking.count_unsent(unsent)
@@ -161,7 +161,8 @@ def _write_outputs(cfg: Config, root: Path, checkpoint: str, run_id: str, name: 
     with tracking.server_needed(tracking.tracking_uri(cfg.mlflow, root), f"the outputs are written{kept}; start it "
                                 "and rerun the stage: it does not train again, it logs them"):
         tracking.replay_unsent(unsent)  # what rank 0 could not send during training
-        tracking.log_metrics({k: metrics[k] for k in ("final_loss", "images_per_s", "wall_s")}, step=metrics["steps"])
+        tracking.log_metrics({k: metrics[k] for k in ("final_loss", "images_per_s", "wall_s", "feature_std_init")
+                              if metrics[k] is not None}, step=metrics["steps"])
         tracking.log_artifacts(encoder_dir, "encoder")
         tracking.log_encoder_model(model.target_encoder, encoder_meta(encoder_dir), cfg.mlflow)
         tracking.log_artifact(csv_path)
@@ -185,9 +186,17 @@ def _last_diagnostics(history: pd.DataFrame) -> dict[str, float | None]:
     return out
 
 
-def _curves_png(cfg: Config, history: pd.DataFrame, path: Path) -> Path | None:
-    """The training-curves figure; None for an empty history (a run that logged no step)."""
+def _float_or_none(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def _curves_png(cfg: Config, history: pd.DataFrame, path: Path, std_init: float | None) -> Path | None:
+    """The training-curves figure; None for an empty history (a run that logged no step). `std_init` (the
+    seeded init's feature std on the diagnostics batch, None without diagnostics) places the relative
+    alarm's line at collapse_std_drop x std_init."""
     if history.empty:
         return None
-    return training_curves(history, path, collapse_std_min=cfg.pretrain.collapse_std_min,
-                           collapse_rank_min=cfg.pretrain.collapse_rank_min, title="I-JEPA pretraining")
+    p = cfg.pretrain
+    std_drop = p.collapse_std_drop * std_init if std_init is not None and p.collapse_std_drop > 0 else None
+    return training_curves(history, path, collapse_std_min=p.collapse_std_min, collapse_rank_min=p.collapse_rank_min,
+                           collapse_std_drop=std_drop, title="I-JEPA pretraining")

@@ -241,7 +241,8 @@ class _Worker:
         return {"step": self.step, "steps_total": self.total, "wall_s": self.wall0 + elapsed,
                 "resumed_from": self.start_step,
                 "images_per_s": (self.step - self.start_step) * self.p.batch_size / max(1e-9, elapsed),
-                "final_loss": self.history[-1]["loss"] if self.history else float("nan"), "finished": True}
+                "final_loss": self.history[-1]["loss"] if self.history else float("nan"),
+                "feature_std_init": self.std_init, "finished": True}
 
     def checkpoint_step(self, report: ReportFn, metrics: dict[str, Any]) -> dict[str, Any]:
         """At a checkpoint step: the step and its loss ahead of `metrics`, checkpointed, and said on rank 0."""

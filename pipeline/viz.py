@@ -276,11 +276,13 @@ def _redundant(history: pd.DataFrame, col: str) -> bool:
 
 
 def training_curves(history: pd.DataFrame, path: str | Path, *, collapse_std_min: float | None = None,
-                    collapse_rank_min: float | None = None, title: str = "") -> Path:
+                    collapse_rank_min: float | None = None, collapse_std_drop: float | None = None,
+                    title: str = "") -> Path:
     """One panel per curve against `step`: the columns of CURVE_LABELS that are present, in that order,
     then any other numeric column. Loss is log-scaled (when positive) with a moving average over long
     runs; `collapse_std_min` / `collapse_rank_min` (PretrainConfig's alarms) are dashed red lines on the
-    feature_std / rankme panels.
+    feature_std / rankme panels, and `collapse_std_drop` (the relative alarm's level: collapse_std_drop x
+    the init's feature std) a dotted one on the feature_std panel.
     """
     if "step" not in history.columns:
         raise PipelineError(f"history columns {list(history.columns)} lack 'step'")
@@ -312,8 +314,13 @@ def training_curves(history: pd.DataFrame, path: str | Path, *, collapse_std_min
             ax.legend(fontsize=7, loc="upper right")
         if col == "loss" and len(y) and (y > 0).all():
             ax.set_yscale("log")
-        if thresholds.get(col) is not None:
-            ax.axhline(thresholds[col], ls="--", color="C3", lw=1.2, label=f"collapse alarm ({thresholds[col]:g})")
+        alarm_lines = [(thresholds.get(col), "--", "collapse alarm")]
+        if col == "feature_std":
+            alarm_lines.append((collapse_std_drop, ":", "collapse alarm, relative to init"))
+        for level, style, name in alarm_lines:
+            if level is not None:
+                ax.axhline(level, ls=style, color="C3", lw=1.2, label=f"{name} ({level:.3g})")
+        if any(level is not None for level, _, _ in alarm_lines):
             ax.legend(fontsize=7, loc="best")
         ax.set_title(CURVE_LABELS.get(col, col), fontsize=9)
         ax.set_xlabel("step", fontsize=8)

@@ -119,8 +119,12 @@ def test_two_workers_end_to_end(tiny_cfg, tmp_path):
     loss = mlflow.MlflowClient().get_metric_history(run_id, "loss")
     assert {m.step for m in loss} == set(range(1, 13))  # rank 0 logged every step (log_every 1)
     for key in ("lr", "wd", "momentum", "images_per_s", "target_std", "rankme", "position_share", "image_share",
-                "heldout_loss", "trivial_loss", "final_loss"):
+                "heldout_loss", "trivial_loss", "final_loss", "feature_std_init"):
         assert key in run.data.metrics, key
+    # The relative alarm's reference: the seeded init's feature std, in the summary beside the last reading.
+    on_disk = json.loads((tmp_path / pretrain.METRICS_JSON).read_text())
+    assert 0 < on_disk["feature_std_init"] == run.data.metrics["feature_std_init"]
+    assert on_disk["feature_std_init"] != on_disk["feature_std"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
     assert {"encoder", "params.yaml", "pretrain_curve.csv"} <= artifacts
     # The encoder as an MLflow model of this run, registered with the alias, loadable as a module.

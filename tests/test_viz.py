@@ -160,6 +160,15 @@ def test_training_curves(tmp_path):
     _png(viz.training_curves(h.iloc[:1], tmp_path / "first_step.png"))
 
 
+def test_training_curves_draw_the_relative_std_alarm_on_the_feature_std_panel(tmp_path):
+    h = _history().assign(feature_std=np.linspace(0.15, 0.02, 60))[["step", "loss", "feature_std"]]
+    red = np.array([214, 39, 40])
+    n_red = [(np.abs(_png(viz.training_curves(h, tmp_path / f"{i}.png", collapse_std_min=0.01,
+                                               collapse_std_drop=drop)).astype(int) - red).max(-1) <= 25).sum()
+             for i, drop in enumerate((None, 0.03))]
+    assert n_red[1] > n_red[0] + 50, n_red  # a second (dotted) line at 0.03
+
+
 def test_training_curves_errors(tmp_path):
     with pytest.raises(PipelineError, match="lack 'step'"):
         viz.training_curves(pd.DataFrame({"loss": [1.0]}), tmp_path / "a.png")
