@@ -74,6 +74,12 @@ def diagnose(model: torch.nn.Module, images: Tensor, masks_enc: Tensor, masks_pr
         model.train(was_training)
 
 
+def relative_std_floor(std_init: float | None, std_drop: float) -> float | None:
+    """The relative alarm's level, std_drop x the init's feature std; None when it is off (no reference, or
+    std_drop 0)."""
+    return std_drop * std_init if std_init is not None and std_drop > 0 else None
+
+
 def alarms(diag: dict[str, float], std_min: float, rank_min: float, armed: bool = False,
            std_init: float | None = None, std_drop: float = 0.0) -> list[str]:
     """What in `diag` reads as collapse (low feature std, low RankMe) or, when `armed` (the model has beaten
@@ -85,10 +91,10 @@ def alarms(diag: dict[str, float], std_min: float, rank_min: float, armed: bool 
     reaching the absolute floor (EMA momentum 0 on the demo: 0.012-0.02, against 0.09 at init and 0.13-0.17
     for the preset).
     """
-    out = []
+    out, floor = [], relative_std_floor(std_init, std_drop)
     if diag["feature_std"] < std_min:
         out.append(f"feature_std {diag['feature_std']:.4g} < {std_min:g}")
-    elif std_init is not None and std_drop > 0 and diag["feature_std"] < std_drop * std_init:
+    elif floor is not None and diag["feature_std"] < floor:
         out.append(f"feature_std {diag['feature_std']:.4g} < {std_drop:g} x its value at init ({std_init:.4g})")
     if diag["rankme"] < rank_min:
         out.append(f"rankme {diag['rankme']:.3g} < {rank_min:g}")

@@ -34,7 +34,7 @@ from pipeline import ray_train, storage, tracking
 from pipeline.atomic import atomic_write, atomic_write_json
 from pipeline.batches import heldout_images, pretrain_dataset
 from pipeline.config import Config
-from pipeline.diagnostics import DIAG_COLUMNS
+from pipeline.diagnostics import DIAG_COLUMNS, relative_std_floor
 from pipeline.errors import PipelineError
 from pipeline.models.ijepa import build_ijepa
 from pipeline.models.io import ENCODER_DIR, encoder_meta, save_encoder
@@ -146,7 +146,7 @@ def _write_outputs(cfg: Config, root: Path, checkpoint: str, run_id: str, name: 
                "steps": int(state["step"]), "epochs": cfg.pretrain.epochs, "batch_size": cfg.pretrain.batch_size,
                "images_per_s": float(summary.get("images_per_s", 0.0)), "wall_s": float(summary.get("wall_s", 0.0)),
                "final_target_std": float(last["target_std"]) if last is not None else None,
-               **_last_diagnostics(history), "feature_std_init": _float_or_none(summary.get("feature_std_init")),
+               **_last_diagnostics(history), "feature_std_init": summary.get("feature_std_init"),
                "num_workers": cfg.ray.num_workers, "resumed_from_step": int(summary.get("resumed_from", 0)),
                "retrained": bool(summary["retrained"]), "ray_run_name": name, "mlflow_run_id": run_id}
     csv_path, json_path = paths["curve"], paths["metrics"]
@@ -186,10 +186,6 @@ def _last_diagnostics(history: pd.DataFrame) -> dict[str, float | None]:
     return out
 
 
-def _float_or_none(x: Any) -> float | None:
-    return None if x is None else float(x)
-
-
 def _curves_png(cfg: Config, history: pd.DataFrame, path: Path, std_init: float | None) -> Path | None:
     """The training-curves figure; None for an empty history (a run that logged no step). `std_init` (the
     seeded init's feature std on the diagnostics batch, None without diagnostics) places the relative
@@ -197,6 +193,6 @@ def _curves_png(cfg: Config, history: pd.DataFrame, path: Path, std_init: float 
     if history.empty:
         return None
     p = cfg.pretrain
-    std_drop = p.collapse_std_drop * std_init if std_init is not None and p.collapse_std_drop > 0 else None
     return training_curves(history, path, collapse_std_min=p.collapse_std_min, collapse_rank_min=p.collapse_rank_min,
-                           collapse_std_drop=std_drop, title="I-JEPA pretraining")
+                           collapse_std_drop=relative_std_floor(std_init, p.collapse_std_drop),
+                           title="I-JEPA pretraining")

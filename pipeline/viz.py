@@ -317,10 +317,10 @@ def training_curves(history: pd.DataFrame, path: str | Path, *, collapse_std_min
         alarm_lines = [(thresholds.get(col), "--", "collapse alarm")]
         if col == "feature_std":
             alarm_lines.append((collapse_std_drop, ":", "collapse alarm, relative to init"))
+        alarm_lines = [line for line in alarm_lines if line[0] is not None]
         for level, style, name in alarm_lines:
-            if level is not None:
-                ax.axhline(level, ls=style, color="C3", lw=1.2, label=f"{name} ({level:.3g})")
-        if any(level is not None for level, _, _ in alarm_lines):
+            ax.axhline(level, ls=style, color="C3", lw=1.2, label=f"{name} ({level:.3g})")
+        if alarm_lines:
             ax.legend(fontsize=7, loc="best")
         ax.set_title(CURVE_LABELS.get(col, col), fontsize=9)
         ax.set_xlabel("step", fontsize=8)
