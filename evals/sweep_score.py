@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 from torch.utils.data import Dataset
 
-from evals.common import random_encoder
 from evals.features import extract
 from evals.linear import imagenet_splits, num_classes
 from evals.probe import linear_probe
@@ -40,8 +39,8 @@ class ProbeScore:
     The target encoder's pooled last-layer features (D,) of the 1% train images train a linear probe
     (`cfg.eval_semi`'s grid); top-1/top-5 on val in %, and top-1's binomial standard error in points
     (100 * sqrt(p (1 - p) / n_val)). RankMe is the effective rank of the val features (n_val, D).
-    `random_init(seeds)`: the same figures for the random-init encoder (`evals.common.random_encoder`) of
-    each pretraining seed, untrained. Picklable (it travels to the Ray worker); the datasets load there, once.
+    The worker also calls it on the seeded, untrained model (epoch 0): the trial's random-init level.
+    Picklable (it travels to the Ray worker); the datasets load there, once.
     """
 
     cfg: Config
@@ -56,13 +55,7 @@ class ProbeScore:
     def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]:
         if self._data is None:
             self._data = self.data_fn()
-        return self._score(model.target_encoder, *self._data, f"epoch {epoch}")
-
-    def random_init(self, seeds: Sequence[int]) -> dict[int, dict[str, float]]:
-        """Runs in the driver on data it loads once and drops, as `check` does: the copy sent on stays empty."""
-        data = self.data_fn()
-        return {seed: self._score(random_encoder(self.cfg.replace(**{"pretrain.seed": seed})), *data,
-                                  f"random init, seed {seed}") for seed in seeds}
+        return self._score(model.target_encoder, *self._data, f"epoch {epoch}" if epoch else "random init")
 
     def _score(self, encoder: nn.Module, train: Dataset, val: Dataset, what: str) -> dict[str, float]:
         bs = self.cfg.eval_semi.batch_size

@@ -9,9 +9,10 @@ its mask keys, `optim.reg` and `pretrain.seed` replaced by the trial's values (`
 After every epoch rank 0 scores the target encoder with the `score` the stage passes in
 (`evals.sweep_score.ProbeScore`): a linear probe on the pooled features of the 1% train list, top-1 on
 val (`probe_top1`, what ASHA compares, higher is better) with its standard error, and RankMe of the val
-features (`val_rankme`, label-free). The untrained random-init encoder of each seed is scored alike, once:
-each trial's `margin` is over its seed's, and a second table gives each setting's mean and std over its
-seeds (`over_seeds`). A sweep is named by the hash of the tune, training and 1%-probe sections (`sweep_name`);
+features (`val_rankme`, label-free). Each trial's worker also scores its own model once at the seeded init,
+before training (`init_probe_top1`, ...: `pipeline.train.train_worker`), so each trial's `margin` is over the
+random-init level of its seed, measured where the trial runs, and a second table gives each setting's mean
+and std over its seeds (`over_seeds`). A sweep is named by the hash of the tune, training and 1%-probe sections (`sweep_name`);
 rerunning the stage resumes an interrupted sweep and only rewrites the outputs of a finished one.
 
 Resources. `tune.resources_per_trial` is what one trial's TorchTrainer workers hold together: each of the
@@ -49,8 +50,13 @@ SCORE = "probe_top1"  # ASHA's metric (mode max): 1% linear probe top-1 on val, 
 AXES = {"strategy": "mask.strategy", "num_targets": "mask.num_targets", "pred_scale": "mask.pred_scale",
         "enc_scale": "mask.enc_scale", "reg": "optim.reg", "seed": "pretrain.seed"}
 CONFIG_AXES = tuple(axis for axis in AXES if axis != "seed")  # a trial's setting, seeds aside
-HISTORY_KEYS = ("epoch", "step", "epoch_loss", "rankme", SCORE, SCORE + "_se", "probe_top5", "val_rankme")  # per epoch
+SCORE_KEYS = (SCORE, SCORE + "_se", "probe_top5", "val_rankme")  # what the score gives (EpochScore)
+INIT = "init_"  # a trial's report carries its seeded init's SCORE_KEYS under this prefix (pipeline.train)
+HISTORY_KEYS = ("epoch", "step", "epoch_loss", "rankme", *SCORE_KEYS, *(INIT + k for k in SCORE_KEYS))  # per epoch
 SWEEP_SECTIONS = ("tune", "data", "mask", "model", "optim", "pretrain", "eval_semi")
+# In the sweep's name: a new value starts a fresh sweep where the trials' records changed (2: the init's score
+# in every report), instead of resuming or re-tabulating records that lack it.
+RECORD_FORMAT = 2
 CPU_TRIAL_DRIVER = 0.01  # the trial's driver only waits on its TorchTrainer; Ray refuses {"CPU": 0}
 CSV, MARKDOWN, PLOT, MASKS = (Path("reports") / f for f in ("sweep.csv", "sweep.md", "sweep.png", "sweep_masks.png"))
 METRICS_JSON = Path("metrics/sweep.json")
@@ -58,7 +64,7 @@ METRICS_JSON = Path("metrics/sweep.json")
 
 def sweep_name(cfg: Config) -> str:
     """`sweep-<hash>`: the Ray storage folder a rerun resumes from."""
-    return f"sweep-{cfg.hash(*SWEEP_SECTIONS)}"
+    return f"sweep-{cfg.hash(*SWEEP_SECTIONS)}-r{RECORD_FORMAT}"
 
 
 # ------------------------------------------------------------------------------------------ the space
@@ -142,18 +148,26 @@ def trial_label(params: dict[str, Any]) -> str:
 
 
 class EpochScore(Protocol):
-    """The trials' per-epoch score, `(model, epoch) -> {SCORE, "probe_top5", "val_rankme"}` (rank 0, after
-    each epoch; `evals.sweep_score.ProbeScore`). Picklable: it travels to the Ray workers."""
+    """The trials' per-epoch score, `(model, epoch) -> {SCORE_KEYS}` (rank 0, after each epoch, and once at
+    the seeded init as epoch 0; `evals.sweep_score.ProbeScore`). Picklable: it travels to the Ray workers."""
 
     def check(self) -> None:
         """Load what it scores on, once, in the driver: missing data fails before any trial starts."""
 
     def __call__(self, model: nn.Module, epoch: int) -> dict[str, float]: ...
 
-    def random_init(self, seeds: Sequence[int]) -> dict[int, dict[str, float]]:
-        """{seed: the same figures for the untrained, random-init target encoder of that pretraining seed}:
-        the level a trial of that seed must leave."""
-        ...
+
+def references_from_trials(trials: Sequence[dict[str, Any]]) -> dict[int, dict[str, float]]:
+    """{seed: the random-init figures (SCORE_KEYS) of that pretraining seed}, read from the first trial of
+    that seed whose history carries its init's score (every trial of a seed starts from the same seeded
+    init, scored by the same deterministic probe). Seeds no trial reported an epoch for are left out."""
+    refs: dict[int, dict[str, float]] = {}
+    for t in sorted(trials, key=lambda t: t["trial_id"]):
+        seed = t["params"].get("seed")
+        row = next((h for h in t.get("history", []) if INIT + SCORE in h), None)
+        if seed is not None and row is not None and int(seed) not in refs:
+            refs[int(seed)] = {k: float(row[INIT + k]) for k in SCORE_KEYS if INIT + k in row}
+    return refs
 
 
 # ----------------------------------------------------------------------------------------- the table
@@ -165,7 +179,7 @@ def results_table(trials: Sequence[dict[str, Any]], epochs: int,
 
     `seed`: the trial's pretraining seed (empty for records from before the seed axis). `probe_top1_se`:
     the score's binomial standard error on the val images, in points. With `references` ({seed: the
-    random-init encoder's figures at that seed}, `EpochScore.random_init`), `margin` is the score minus
+    random-init encoder's figures at that seed}, `references_from_trials`), `margin` is the score minus
     the `probe_top1` of its seed's random init and `margin_se` the standard error of that difference (the
     two errors in quadrature: an unpaired, conservative figure).
 
@@ -294,7 +308,7 @@ def write_outputs(cfg: Config, root: Path, trials: Sequence[dict[str, Any]], gri
                   ) -> dict[str, Any]:
     """CSV, markdown, score plot, mask strategies figure and metrics JSON under `root`; returns the table,
     the best-trial summary and the files written. `to_markdown(table)`: the report's table format
-    (`evals.report.to_markdown`); `references`: {seed: the random-init encoder's figures} (`EpochScore.random_init`)."""
+    (`evals.report.to_markdown`); `references`: {seed: the random-init encoder's figures} (`references_from_trials`)."""
     from pipeline.viz import mask_strategies_figure
 
     df = results_table(trials, cfg.tune.epochs, references)
@@ -343,11 +357,11 @@ def run(cfg: Config, root: str | Path | None, score: EpochScore, to_markdown: Ca
     dataset_fn = dataset_fn or functools.partial(pretrain_dataset, cfg, str(root))
     dataset_fn()  # missing data: one line here, not inside a Ray worker
     score.check()
-    references = score.random_init(space["seed"])
     spec = ray_tune.SweepSpec(name=sweep_name(cfg), space=space, trial_config=trial_config,
                               label=trial_label, concurrency=check_resources, dataset_fn=dataset_fn, score=score,
                               metric=SCORE, history_keys=HISTORY_KEYS, driver_resources={"CPU": CPU_TRIAL_DRIVER})
     trials, parent_run_id = ray_tune.tune_sweep(cfg, root, spec)
+    references = references_from_trials(trials)
     grid = (cfg.data.image_size // cfg.model.patch_size,) * 2
     out = write_outputs(cfg, root, trials, grid, to_markdown, references)
     with tracking.pipeline_run(cfg, "sweep", run_id=parent_run_id, root=root):
@@ -355,7 +369,7 @@ def run(cfg: Config, root: str | Path | None, score: EpochScore, to_markdown: Ca
         tracking.log_metrics({"best_" + SCORE: summary["best"][SCORE], "trials": summary["trials"],
                               "stopped_early": summary["stopped_early"],
                               **{f"random_init_{k}": float(np.mean([r[k] for r in references.values()]))
-                                 for k in references[space["seed"][0]]}})
+                                 for k in SCORE_KEYS if references and all(k in r for r in references.values())}})
         for f in out["files"]:
             tracking.log_artifact(f)
     print("# sweep\n\n" + to_markdown(_shown(out["table"])))

@@ -74,10 +74,12 @@ def train_worker(cfg: Config, dataset: Dataset, report: ReportFn, *, restore: di
     Not `done`: Ray Tune reserves that key and ends a trial at once on `done: True`, while its trainer is
     still wrapping up (a sweep trial's controller then died inside `fit()`).
     `epoch_end(model, epoch)` (a sweep's probe score) runs on rank 0 after each full epoch; its metrics join
-    that epoch's report and rank 0's tracker (the other ranks wait in the report's barrier).
+    that epoch's report and rank 0's tracker (the other ranks wait in the report's barrier). It also runs
+    once on the seeded init, before any restore (`epoch` 0): those figures join every epoch's report as
+    `init_<key>`, the random-init level of this very model that the trial's margin is taken over.
     """
     p = cfg.pretrain
-    run = _Worker(cfg, dataset, device or torch.device("cpu"), restore, max_epochs, heldout)
+    run = _Worker(cfg, dataset, device or torch.device("cpu"), restore, max_epochs, heldout, epoch_end)
     while run.step < run.stop:
         for images, masks_enc, masks_pred in run.epoch():
             out = train_step(run.net, run.opt, run.sched, run.step, images, masks_enc, masks_pred, p.bf16,
@@ -114,7 +116,7 @@ class _Worker:
     diagnostics batch) and the counters that its steps move on."""
 
     def __init__(self, cfg: Config, dataset: Dataset, device: torch.device, restore: dict[str, Any] | None,
-                 max_epochs: int | None, heldout: Tensor | None):
+                 max_epochs: int | None, heldout: Tensor | None, epoch_end: EpochEndFn | None = None):
         p = self.p = cfg.pretrain
         self.cfg, self.device = cfg, device
         self.rank, self.world = _world()
@@ -139,6 +141,10 @@ class _Worker:
                 # The model is still its seeded init here, before any restore: the alarms' reference.
                 with torch.no_grad(), autocast(device, p.bf16):
                     self.std_init = representation_stats(self.model.target_encoder(self.diag_batch[0]))["feature_std"]
+        self.init_scores: dict[str, float] = {}
+        if epoch_end is not None and self.rank == 0:
+            with torch.random.fork_rng(devices=[]):  # still the seeded init; the training's stream is untouched
+                self.init_scores = {f"init_{k}": v for k, v in epoch_end(self.model, 0).items()}
         self.step, self.history, self.wall0, epoch_loss = 0, [], 0.0, 0.0
         if restore is not None:
             self.model.load_state_dict(restore["model"])
@@ -219,7 +225,7 @@ class _Worker:
 
     def end_epoch(self, epoch_end: EpochEndFn | None, tracker: Tracker | None) -> dict[str, Any]:
         """A full epoch ended: its mean loss over ranks, the last RankMe and, on rank 0, `epoch_end`'s
-        scores, which rank 0's tracker gets too (what a sweep compares)."""
+        scores and the init's (`init_<key>`), which rank 0's tracker gets too (what a sweep compares)."""
         epoch = self.step // self.spe
         epoch_mean = float(_all_reduce(self.epoch_loss.clone()) / (self.world * self.spe))
         diags = [r["rankme"] for r in self.history if r["rankme"] == r["rankme"]]
@@ -228,9 +234,9 @@ class _Worker:
         if epoch_end is not None and self.rank == 0:
             with torch.random.fork_rng(devices=[]):  # a probe must not shift the training RNG
                 scores = epoch_end(self.model, epoch)
-            metrics.update(scores)
+            metrics.update(scores, **self.init_scores)
             if tracker is not None:
-                tracker.log(scores, self.step)
+                tracker.log({**scores, **self.init_scores}, self.step)
         return metrics
 
     def summary(self) -> dict[str, Any]:

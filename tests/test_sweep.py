@@ -23,6 +23,7 @@ from pipeline import sweep
 from pipeline.config import ConfigError, from_dict
 from pipeline.data.random_images import RandomImages
 from pipeline.errors import PipelineError
+from pipeline.models.ijepa import build_ijepa
 from pipeline.train import train_worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,18 +160,48 @@ def test_probe_score_joins_epoch_reports_without_changing_training(tiny_cfg):
         assert 0 <= r[sweep.SCORE] <= 100 and 0 <= r["probe_top5"] <= 100 and r["val_rankme"] >= 1
     # The probe runs on a forked RNG and reads the target encoder only: training is unchanged.
     assert [r["epoch_loss"] for r in scored] == [r["epoch_loss"] for r in plain]
+    # Every epoch's report carries the seeded init's score: the untrained model's, not a trained epoch's.
+    torch.manual_seed(cfg.pretrain.seed)
+    untrained = ProbeScore(cfg, labelled)(build_ijepa(cfg), 0)
+    for r in scored:
+        assert {k: r[sweep.INIT + k] for k in sweep.SCORE_KEYS} == untrained
+    assert scored[-1]["val_rankme"] != untrained["val_rankme"]
+    assert not any(k.startswith(sweep.INIT) for r in plain for k in r)  # no score, no init figures
 
 
-def test_probe_score_standard_error_and_random_init_leave_the_shipped_copy_empty(tiny_cfg):
+def test_probe_score_standard_error_and_check_leave_the_shipped_copy_empty(tiny_cfg):
     cfg = tiny(tiny_cfg)
     score = ProbeScore(cfg, functools.partial(labelled, n_val=25))
-    refs = score.random_init([0, 1])
-    ref = refs[0]
+    score.check()
+    assert score._data is None  # the score travels to every Ray worker: no datasets inside
+    torch.manual_seed(0)
+    model = build_ijepa(cfg)
+    ref = score(model, 0)
     p = ref[sweep.SCORE] / 100
     assert ref[sweep.SCORE + "_se"] == pytest.approx(100 * (p * (1 - p) / 25) ** 0.5)
-    assert score._data is None  # the score travels to every Ray worker: no datasets inside
-    assert score.random_init([0]) == {0: ref}  # seeded: the same figures every time
-    assert refs[1]["val_rankme"] != ref["val_rankme"]
+    assert set(ref) == set(sweep.SCORE_KEYS)
+    assert score(model, 0) == ref  # deterministic: every trial of a seed reads the same init level
+
+
+def test_references_come_from_each_seeds_first_trial_that_scored_its_init():
+    def with_init(rec, level):
+        for h in rec["history"]:
+            h.update({sweep.INIT + sweep.SCORE: level, sweep.INIT + sweep.SCORE + "_se": 1.5,
+                      sweep.INIT + "probe_top5": 50.0, sweep.INIT + "val_rankme": 2.0})
+        return rec
+
+    trials = [with_init(record("b", "random", [0.15, 0.2], [25.0], seed=0), 18.0),
+              with_init(record("a", "multiblock", [0.15, 0.2], [30.0], seed=0), 17.0),
+              record("c", "multiblock", [0.15, 0.2], [], error="boom", seed=1),  # failed before any epoch
+              with_init(record("d", "random", [0.15, 0.2], [20.0], seed=2), 16.0),
+              with_init(record("e", "random", [0.15, 0.2], [20.0]), 15.0)]  # from before the seed axis
+    refs = sweep.references_from_trials(trials)
+    assert refs == {0: {sweep.SCORE: 17.0, sweep.SCORE + "_se": 1.5, "probe_top5": 50.0, "val_rankme": 2.0},
+                    2: {sweep.SCORE: 16.0, sweep.SCORE + "_se": 1.5, "probe_top5": 50.0, "val_rankme": 2.0}}
+    df = sweep.results_table(trials, epochs=1, references=refs).set_index("trial")
+    assert df.loc["a", "margin"] == 13.0 and df.loc["b", "margin"] == 8.0 and df.loc["d", "margin"] == 4.0  # its seed's
+    assert pd.isna(df.loc["c", "margin"]) and pd.isna(df.loc["e", "margin"])
+    assert sweep.references_from_trials([record("x", "random", [0.15, 0.2], [20.0], seed=0)]) == {}
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -295,6 +326,8 @@ def test_two_trial_sweep_end_to_end_then_read_back(tiny_cfg, tiny_data, tmp_path
     assert len(df) == 2 and sorted(df["pred_scale"]) == ["(0.075, 0.2)", "(0.15, 0.2)"]
     assert set(df["strategy"]) == {"multiblock"} and set(df["enc_scale"]) == {"(0.85, 1)"}
     assert (df["epochs"] == 2).all() or df["stopped_early"].any()
+    assert df["margin"].notna().all()  # each trial's worker scored its own seeded init
+    assert json.loads((tmp_path / sweep.METRICS_JSON).read_text())["random_init"].keys() == {str(cfg.pretrain.seed)}
     runs = mlflow_runs(cfg)
     parent = [r for r in runs if r.info.run_id == summary["mlflow_run_id"]]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["mlflow_run_id"]]
@@ -306,6 +339,7 @@ def test_two_trial_sweep_end_to_end_then_read_back(tiny_cfg, tiny_data, tmp_path
     for c in children:  # curves: the training loss per step and the probe score per epoch
         assert len(mlflow.MlflowClient().get_metric_history(c.info.run_id, sweep.SCORE)) >= 1
         assert len(mlflow.MlflowClient().get_metric_history(c.info.run_id, "loss")) >= 6
+        assert mlflow.MlflowClient().get_metric_history(c.info.run_id, sweep.INIT + sweep.SCORE)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(summary["mlflow_run_id"])}
     assert {"sweep.csv", "sweep.md", "sweep.png", "sweep_masks.png", "sweep.json"} <= artifacts
 
