@@ -12,8 +12,9 @@ val (`probe_top1`, what ASHA compares, higher is better) with its standard error
 features (`val_rankme`, label-free). Each trial's worker also scores its own model once at the seeded init,
 before training (`init_probe_top1`, ...: `pipeline.train.train_worker`), so each trial's `margin` is over the
 random-init level of its seed, measured where the trial runs, and a second table gives each setting's mean
-and std over its seeds (`over_seeds`). A sweep is named by the hash of the tune, training and 1%-probe sections (`sweep_name`);
-rerunning the stage resumes an interrupted sweep and only rewrites the outputs of a finished one.
+and std over its seeds (`over_seeds`). A sweep is named by the hash of the tune, training and 1%-probe
+sections and the records' format (`sweep_name`); rerunning the stage resumes an interrupted sweep and only
+rewrites the outputs of a finished one.
 
 Resources. `tune.resources_per_trial` is what one trial's TorchTrainer workers hold together: each of the
 `ray.num_workers` workers asks for an equal share (on 2 cores the default {CPU: 1} over 2 workers gives
