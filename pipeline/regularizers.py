@@ -27,8 +27,11 @@ tests its own slice of the batch (LeJEPA all-reduces the characteristic function
 
 Scale. At `optim.reg_weight = 1` SIGReg dominates: on the demo config at init (batch 32) the gradient
 norm on the encoder is ~0.003 from the prediction loss, ~0.2 from vicreg and ~35 from sigreg (the pooled
-features start with std ~0.17 and mean ~0.7 per dim, far from N(0, 1)). LeJEPA's own example weighs
-SIGReg 0.02 against 0.98 of its invariance loss.
+features start with std ~0.17 and mean ~0.7 per dim, far from N(0, 1)). On the demo's 64 scenes of one
+batch, the seed-0 init: 0.005 from the prediction loss, 122 from sigreg on the pooled features and 541 on
+the centred patches (960 tokens; the statistic grows with its sample count). AdamW rescales each
+parameter's step, so while one term's gradient dominates the weight hardly moves the encoder's updates.
+LeJEPA's own example weighs SIGReg 0.02 against 0.98 of its invariance loss.
 """
 
 from __future__ import annotations
