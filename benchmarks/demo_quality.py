@@ -95,14 +95,26 @@ def grey(images: np.ndarray) -> np.ndarray:
     return np.repeat(np.clip(y + 0.5, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
 
 
+VIEWS = ("last", "last4")
+STD_VIEWS = ("std_last", "mean_std_last")  # --std: label-free readouts other than the paper's mean pooling
+
+
 @torch.no_grad()
 def pooled(encoder: torch.nn.Module, x: torch.Tensor, view: str) -> np.ndarray:
-    """Mean-pooled features (n, D) of the last layer, or (n, 4D) of the last 4 layers."""
+    """Features of the frozen encoder, one row per image: "last" (n, D) the last layer's patch tokens
+    mean-pooled, "last4" (n, 4D) the last 4 layers' means concatenated (the paper's readouts);
+    "std_last" (n, D) the last layer's per-channel std over the patches, "mean_std_last" (n, 2D) both."""
+    if view not in VIEWS + STD_VIEWS:
+        raise ValueError(f"view {view!r}: expected one of {VIEWS + STD_VIEWS}")
     encoder.eval()
     out = []
     for i in range(0, len(x), 200):
-        layers = encoder.forward_layers(x[i:i + 200], 4)
-        out.append(torch.cat([t.mean(1) for t in layers], 1) if view == "last4" else layers[-1].mean(1))
+        layers = encoder.forward_layers(x[i:i + 200], 4)  # 4 x (b, N, D)
+        mean, std = layers[-1].mean(1), layers[-1].std(1, correction=0)
+        if view == "last4":
+            out.append(torch.cat([t.mean(1) for t in layers], 1))
+        else:
+            out.append({"last": mean, "std_last": std, "mean_std_last": torch.cat([mean, std], 1)}[view])
     return torch.cat(out).numpy()
 
 
@@ -133,9 +145,10 @@ def logistic_top1(a: np.ndarray, ya: np.ndarray, b: np.ndarray, yb: np.ndarray) 
     return round(100 * clf.score(b, yb), 2)
 
 
-def probe(encoder: torch.nn.Module, xtr: torch.Tensor, xva: torch.Tensor, d: dict) -> dict[str, float]:
+def probe(encoder: torch.nn.Module, xtr: torch.Tensor, xva: torch.Tensor, d: dict,
+          views: tuple[str, ...] = VIEWS) -> dict[str, float]:
     out = {}
-    for view in ("last", "last4"):
+    for view in views:
         a, b = pooled(encoder, xtr, view), pooled(encoder, xva, view)
         for task, ya, yb in (("shape", d["ytr"], d["yva"]), ("count", d["ctr"], d["cva"])):
             out[f"{task}.{view}"] = logistic_top1(a, ya, b, yb)
@@ -200,12 +213,13 @@ def band(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
             for f in runs[0] for v in [[r[f] for r in runs]]}
 
 
-def random_band(cfg, xtr: torch.Tensor, xva: torch.Tensor, d: dict, k: int) -> dict[str, dict[str, float]]:
+def random_band(cfg, xtr: torch.Tensor, xva: torch.Tensor, d: dict, k: int,
+                views: tuple[str, ...] = VIEWS) -> dict[str, dict[str, float]]:
     """{figure: {mean, std, min, max}} over `k` random-init encoders (seeds pretrain.seed + 2 ...)."""
     runs = []
     for i in range(k):
         torch.manual_seed(cfg.pretrain.seed + 2 + i)
-        runs.append(probe(build_encoder(cfg.model, cfg.data.image_size), xtr, xva, d))
+        runs.append(probe(build_encoder(cfg.model, cfg.data.image_size), xtr, xva, d, views))
     return band(runs)
 
 
@@ -232,7 +246,11 @@ def main() -> None:
     ap.add_argument("--grey", action="store_true",
                     help="also probe the count on grey-level images (target and random encoders), where the "
                          "colour-diversity cue of benchmarks/count_cues.py is gone")
+    ap.add_argument("--std", action="store_true",
+                    help="also probe the last layer's per-channel std over the patches (std_last, mean_std_last): "
+                         "label-free readouts that the paper's mean pooling discards, to compare with a random init")
     args = ap.parse_args()
+    views = VIEWS + (STD_VIEWS if args.std else ())
     if 0 < args.pretrain_scenes < args.train:
         ap.error(f"--pretrain-scenes {args.pretrain_scenes}: expected 0 or at least --train ({args.train})")
     torch.set_num_threads(args.threads)
@@ -255,24 +273,24 @@ def main() -> None:
             seed_cfg = cfg.replace(**{"pretrain.seed": cfg.pretrain.seed + i})
             curve: dict[int, dict[str, float]] = {}
             at = {k: (lambda mdl, k=k, c=curve, sc=seed_cfg: c.__setitem__(
-                      k, {**probe(mdl.target_encoder, xtr, xva, d), **diagnostics(mdl, sc, xva)}))
+                      k, {**probe(mdl.target_encoder, xtr, xva, d, views), **diagnostics(mdl, sc, xva)}))
                   for k in (args.curve if i == 0 else [])}
             m, stats = pretrain(seed_cfg, xpre, args.steps, at, epoch_size=len(xtr))
             if curve:
                 stats["curve"] = curve
             if i == 0:
                 model = m  # the first seed's: the one the --grey probe reads
-            runs.append({"seed": seed_cfg.pretrain.seed, **stats, "target": probe(m.target_encoder, xtr, xva, d),
-                         "context": probe(m.encoder, xtr, xva, d), "diagnostics": diagnostics(m, seed_cfg, xva)})
+            runs.append({"seed": seed_cfg.pretrain.seed, **stats, "target": probe(m.target_encoder, xtr, xva, d, views),
+                         "context": probe(m.encoder, xtr, xva, d, views), "diagnostics": diagnostics(m, seed_cfg, xva)})
         result.update({k: v for k, v in runs[0].items() if k != "seed"})
         if args.seeds > 1:
             result["seeds"] = runs
             result["target_band"] = band([r["target"] for r in runs])
-    result["random"] = probe(random_encoder, xtr, xva, d)
+    result["random"] = probe(random_encoder, xtr, xva, d, views)
     torch.manual_seed(cfg.pretrain.seed + 1)  # the same encoder weights as random_encoder, plus a predictor
     result["random_diagnostics"] = diagnostics(build_ijepa(cfg), cfg, xva)
     if args.random_seeds:
-        result["random_band"] = random_band(cfg, xtr, xva, d, args.random_seeds)
+        result["random_band"] = random_band(cfg, xtr, xva, d, args.random_seeds, views)
     if args.grey and args.steps > 0:
         gtr, gva = to_tensor(grey(d["xtr"])), to_tensor(grey(d["xva"]))
         result["grey"] = {"target": probe(model.target_encoder, gtr, gva, d),

@@ -1,0 +1,31 @@
+"""The readouts of benchmarks/readouts.py: pooled over the patches (dim 1), per image, per channel."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def _load(name: str):
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readouts_pool_over_the_patches_of_each_image():
+    bench = _load("readouts")
+    # two images, three patches, two channels; image 1 is image 0 shifted by 10 in channel 0
+    t = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [6.0, 3.0]],
+                      [[11.0, 0.0], [12.0, 0.0], [16.0, 3.0]]]).half()
+    assert torch.equal(bench.readout(t, "mean"), torch.tensor([[3.0, 1.0], [13.0, 1.0]]))
+    std = bench.readout(t, "std")  # population std: a shift moves the mean, not the spread
+    assert torch.allclose(std, torch.tensor([[(14 / 3) ** 0.5, 2**0.5]] * 2))
+    assert torch.equal(bench.readout(t, "max"), torch.tensor([[6.0, 3.0], [16.0, 3.0]]))
+    both = bench.readout(t, "mean_std")
+    assert both.shape == (2, 4) and torch.equal(both[:, :2], bench.readout(t, "mean"))
+    assert bench.readout(t, "std").dtype == torch.float32
+    with pytest.raises(ValueError, match="expected one of"):
+        bench.readout(t, "median")
