@@ -63,6 +63,10 @@ def readout(tokens: Tensor, name: str) -> Tensor:
 def main() -> None:
     cfg = load_config(ROOT / "params.yaml")
     source = common.encoder_source(cfg, ROOT)
+    if not source.exists():
+        print(f"readouts: {source}: no saved encoder; run `make repro` first (or set evaluate.encoder)",
+              file=sys.stderr)
+        sys.exit(2)
     encoder, meta = load_any_encoder(source, cfg.evaluate.which)
     common.check_architecture(meta, cfg, str(source))
     encoders = {"ijepa": encoder, "random": common.random_encoder(cfg)}
