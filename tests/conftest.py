@@ -1,5 +1,8 @@
 """Shared fixtures: the repo root, a tiny config that runs anywhere in seconds, an S3-compatible server."""
 
+import atexit
+import faulthandler
+import os
 import socket
 import subprocess
 import sys
@@ -13,6 +16,31 @@ import pytest
 from pipeline.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# One CI run (2026-12-03) printed "445 passed" and then died of a segmentation fault while the interpreter
+# tore down (make test: exit 139); two local runs of the same suite, chromium and PostgreSQL included, did
+# not. The crash came after pytest's own faulthandler was switched off, so nothing says which extension's
+# finaliser it was. Once the session is over: faulthandler back on (a crash in an atexit handler, e.g.
+# Ray's shutdown or MLflow's flush, still prints every thread's stack and fails the run), and after the
+# other atexit handlers (this one is registered first, so it runs last) the process exits with pytest's
+# status without finalising the extension modules.
+_SESSION_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    _SESSION_STATUS.append(int(exitstatus))
+
+
+def pytest_unconfigure(config) -> None:
+    faulthandler.enable(file=sys.__stderr__, all_threads=True)
+
+
+@atexit.register
+def _exit_without_finalising() -> None:
+    if _SESSION_STATUS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_SESSION_STATUS[-1])
 
 
 def free_port() -> int:
