@@ -1,4 +1,5 @@
-"""The readouts of benchmarks/readouts.py: pooled over the patches (dim 1), per image, per channel."""
+"""benchmarks/readouts.py: its readouts pool over the patches (dim 1), per image, per channel; without a saved
+encoder it stops in one line."""
 
 import importlib.util
 from pathlib import Path
@@ -29,3 +30,14 @@ def test_readouts_pool_over_the_patches_of_each_image():
     assert bench.readout(t, "std").dtype == torch.float32
     with pytest.raises(ValueError, match="expected one of"):
         bench.readout(t, "median")
+
+
+def test_readouts_without_a_saved_encoder_stop_in_one_line_with_exit_2(monkeypatch, tmp_path, capsys):
+    bench = _load("readouts")
+    missing = tmp_path / "models" / "encoder"
+    monkeypatch.setattr(bench.common, "encoder_source", lambda cfg, root: missing)
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0] and "make repro" in err[0]
