@@ -33,6 +33,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/demo_quality.py` from the root
 
 import pipeline.data.scenes as scenes_module  # noqa: E402
+from benchmarks.readouts import readout  # noqa: E402
 from pipeline.atomic import atomic_write  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.scenes import render_many  # noqa: E402
@@ -97,6 +98,7 @@ def grey(images: np.ndarray) -> np.ndarray:
 
 VIEWS = ("last", "last4")
 STD_VIEWS = ("std_last", "mean_std_last")  # --std: label-free readouts other than the paper's mean pooling
+READOUT = {"last": "mean", "std_last": "std", "mean_std_last": "mean_std"}  # benchmarks/readouts.py's names
 
 
 @torch.no_grad()
@@ -110,11 +112,10 @@ def pooled(encoder: torch.nn.Module, x: torch.Tensor, view: str) -> np.ndarray:
     out = []
     for i in range(0, len(x), 200):
         layers = encoder.forward_layers(x[i:i + 200], 4)  # 4 x (b, N, D)
-        mean, std = layers[-1].mean(1), layers[-1].std(1, correction=0)
         if view == "last4":
             out.append(torch.cat([t.mean(1) for t in layers], 1))
         else:
-            out.append({"last": mean, "std_last": std, "mean_std_last": torch.cat([mean, std], 1)}[view])
+            out.append(readout(layers[-1], READOUT[view]))
     return torch.cat(out).numpy()
 
 
