@@ -18,12 +18,12 @@ from pipeline.config import Config, load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 # One CI run (2026-12-03) printed "445 passed" and then died of a segmentation fault while the interpreter
-# tore down (make test: exit 139); two local runs of the same suite, chromium and PostgreSQL included, did
-# not. The crash came after pytest's own faulthandler was switched off, so nothing says which extension's
-# finaliser it was. Once the session is over: faulthandler back on (a crash in an atexit handler, e.g.
-# Ray's shutdown or MLflow's flush, still prints every thread's stack and fails the run), and after the
-# other atexit handlers (this one is registered first, so it runs last) the process exits with pytest's
-# status without finalising the extension modules.
+# tore down (make test: exit 139); three local runs of the same suite (one with chromium, PostgreSQL and
+# CI=true, one from a fresh clone) did not. The crash came after pytest's own faulthandler was switched
+# off, so nothing says which extension's finaliser it was. Once the session is over: faulthandler back on
+# (a crash in an atexit handler, e.g. Ray's shutdown or MLflow's flush, still prints every thread's stack
+# and fails the run), and after the other atexit handlers (this one is registered first, so it runs last)
+# the process exits with pytest's status without finalising the extension modules.
 _SESSION_STATUS: list[int] = []
 
 
