@@ -2,6 +2,7 @@
 
     python benchmarks/demo_quality.py --steps 222 --set optim.ema=[0.98,1.0]
     python benchmarks/demo_quality.py --seeds 3 --random-seeds 5   # the preset against the random band
+    python benchmarks/demo_quality.py --steps 444 --objects 1 2 --object-size 0.5 0.8 --object-depth 3.2 5.0
 
 Renders the scenes once (cached as .npz under .cache/), pretrains with `pipeline.step.train_step` on
 the demo preset (plus any `--set key=value` overrides, values in YAML), then fits a logistic-regression
@@ -9,6 +10,8 @@ probe (standardised features, L2, C=0.1) on mean-pooled features of the TARGET e
 encoder and a random-init twin, for both views (last layer, last 4 layers), on two labels: the shape
 class (8) and the object count (3..10); `shape_1pct` is the shape probe fit on 12 scenes a class only,
 and `shape_share` the share of the features' variance the shape class explains (`class_share`).
+The `--objects`, `--object-size` and `--object-depth` flags render the scenes with another `Layout`
+(`benchmarks/scenes.py` checks its labels' honesty); with one object a scene the count probe is skipped.
 Prints one JSON object. Probing the context encoder too tells whether a gap comes from the EMA lag of
 the target or from what was learnt.
 
@@ -34,9 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 import pipeline.data.scenes as scenes_module  # noqa: E402
 from benchmarks.readouts import readout  # noqa: E402
+from benchmarks.scenes import add_layout_args, layout_from_args  # noqa: E402
 from pipeline.atomic import atomic_write  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data.scenes import render_many  # noqa: E402
+from pipeline.data.scenes import ROOM, Layout, render_many  # noqa: E402
 from pipeline.data.transforms import CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from pipeline.diagnostics import diagnose  # noqa: E402
 from pipeline.masks import MaskSampler  # noqa: E402
@@ -51,22 +55,24 @@ VAL_OFFSET = 1_000_000  # validation scene indices start here: disjoint from the
 SUBSET_PER_CLASS = 12  # shape_1pct: the probe on 12 labelled scenes a class, as the pipeline's 1 % list
 
 
-def cache_path(stem: str, suffix: str) -> Path:
-    """.cache/<stem>_<hash><suffix>: the hash is of the generator's source, so an edit of scenes.py renders
-    afresh instead of reusing the old scenes."""
-    generator = hashlib.sha256(Path(scenes_module.__file__).read_bytes()).hexdigest()[:12]
+def cache_path(stem: str, suffix: str, layout: Layout = ROOM) -> Path:
+    """.cache/<stem>_<hash><suffix>: the hash is of the generator's source and of `layout` if not the
+    default, so an edit of scenes.py or another layout renders afresh instead of reusing the old scenes."""
+    source = Path(scenes_module.__file__).read_bytes() + (b"" if layout == ROOM else repr(layout).encode())
+    generator = hashlib.sha256(source).hexdigest()[:12]
     return ROOT / ".cache" / f"{stem}_{generator}{suffix}"
 
 
-def scenes(seed: int, n_train: int, n_val: int, size: int, processes: int) -> dict[str, np.ndarray]:
+def scenes(seed: int, n_train: int, n_val: int, size: int, processes: int,
+           layout: Layout = ROOM) -> dict[str, np.ndarray]:
     """Images (n, S, S, 3) uint8, shape labels and counts for train and val, cached on disk.
 
-    Cached under `cache_path`, whose name follows the generator's source.
+    Cached under `cache_path`, whose name follows the generator's source and the layout.
     """
-    path = cache_path(f"demo_quality_{seed}_{n_train}_{n_val}_{size}", ".npz")
+    path = cache_path(f"demo_quality_{seed}_{n_train}_{n_val}_{size}", ".npz", layout)
     if not path.is_file():
-        tr = render_many(seed, range(n_train), size, processes=processes)
-        va = render_many(seed, range(VAL_OFFSET, VAL_OFFSET + n_val), size, processes=processes)
+        tr = render_many(seed, range(n_train), size, processes=processes, layout=layout)
+        va = render_many(seed, range(VAL_OFFSET, VAL_OFFSET + n_val), size, processes=processes, layout=layout)
         arrays = dict(xtr=np.stack([s.image for s in tr]), xva=np.stack([s.image for s in va]),
                       ytr=[s.label for s in tr], yva=[s.label for s in va],
                       ctr=[s.count for s in tr], cva=[s.count for s in va])
@@ -74,12 +80,13 @@ def scenes(seed: int, n_train: int, n_val: int, size: int, processes: int) -> di
     return dict(np.load(path))
 
 
-def extra_scenes(seed: int, start: int, stop: int, size: int, processes: int) -> np.ndarray:
+def extra_scenes(seed: int, start: int, stop: int, size: int, processes: int, layout: Layout = ROOM) -> np.ndarray:
     """Images (stop - start, S, S, 3) uint8 of the unlabelled training scenes start..stop-1, cached on disk:
     more pretraining data than the probes' train set (whose scenes are 0..start-1)."""
-    path = cache_path(f"demo_quality_extra_{seed}_{start}_{stop}_{size}", ".npy")
+    path = cache_path(f"demo_quality_extra_{seed}_{start}_{stop}_{size}", ".npy", layout)
     if not path.is_file():
-        images = np.stack([s.image for s in render_many(seed, range(start, stop), size, processes=processes)])
+        images = np.stack([s.image for s in render_many(seed, range(start, stop), size, processes=processes,
+                                                        layout=layout)])
         atomic_write(path, lambda tmp: np.save(tmp, images))
     return np.load(path)
 
@@ -152,7 +159,8 @@ def probe(encoder: torch.nn.Module, xtr: torch.Tensor, xva: torch.Tensor, d: dic
     for view in views:
         a, b = pooled(encoder, xtr, view), pooled(encoder, xva, view)
         for task, ya, yb in (("shape", d["ytr"], d["yva"]), ("count", d["ctr"], d["cva"])):
-            out[f"{task}.{view}"] = logistic_top1(a, ya, b, yb)
+            if len(np.unique(ya)) > 1:  # one object a scene (--objects 1 1): no count to probe
+                out[f"{task}.{view}"] = logistic_top1(a, ya, b, yb)
         few = subset_rows(d["ytr"], SUBSET_PER_CLASS)
         out[f"shape_1pct.{view}"] = logistic_top1(a[few], d["ytr"][few], b, d["yva"])
         out[f"shape_share.{view}"] = class_share(a, d["ytr"])
@@ -250,7 +258,9 @@ def main() -> None:
     ap.add_argument("--std", action="store_true",
                     help="also probe the last layer's per-channel std over the patches (std_last, mean_std_last): "
                          "label-free readouts that the paper's mean pooling discards, to compare with a random init")
+    add_layout_args(ap)
     args = ap.parse_args()
+    layout = layout_from_args(args)
     views = VIEWS + (STD_VIEWS if args.std else ())
     if 0 < args.pretrain_scenes < args.train:
         ap.error(f"--pretrain-scenes {args.pretrain_scenes}: expected 0 or at least --train ({args.train})")
@@ -258,16 +268,19 @@ def main() -> None:
     over = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     cfg = load_config(ROOT / "params.yaml").replace(**over)
     S = cfg.data.image_size
-    d = scenes(cfg.data.synthetic.seed, args.train, args.val, S, cfg.data.synthetic.processes)
+    d = scenes(cfg.data.synthetic.seed, args.train, args.val, S, cfg.data.synthetic.processes, layout)
     xtr, xva = to_tensor(d["xtr"]), to_tensor(d["xva"])
     xpre = xtr
     if args.pretrain_scenes > args.train:
-        more = extra_scenes(cfg.data.synthetic.seed, args.train, args.pretrain_scenes, S, cfg.data.synthetic.processes)
+        more = extra_scenes(cfg.data.synthetic.seed, args.train, args.pretrain_scenes, S, cfg.data.synthetic.processes,
+                            layout)
         xpre = torch.cat([xtr, to_tensor(more)])
 
     torch.manual_seed(cfg.pretrain.seed + 1)
     random_encoder = build_encoder(cfg.model, S)
     result = {"overrides": over}
+    if layout != ROOM:
+        result["layout"] = {"count": list(layout.count), "size": list(layout.size), "depth": list(layout.depth)}
     if args.steps > 0:
         runs = []
         for i in range(args.seeds):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data.scenes import NUM_CLASSES, SHAPES, render_many, render_scene
+from pipeline.data.scenes import NUM_CLASSES, ROOM, SHAPES, Layout, render_many, render_scene
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,28 @@ def test_every_object_visible(monkeypatch):
     for i in range(8):
         mod.render_scene(5, i)
         assert len(seen[-1]) == mod.render_scene(5, i).count and seen[-1].min() >= 6
+
+
+def test_another_layout_draws_within_its_ranges_and_leaves_the_default_alone():
+    """A `Layout` sets the count, radius and distance draws; the default stays the embedded scenes'."""
+    close_up = Layout(count=(1, 2), size=(0.5, 0.8), depth=(3.2, 5.0))
+    scenes = [render_scene(3, i, layout=close_up) for i in range(16)]
+    assert {s.count for s in scenes} == {1, 2}
+    for s in scenes:
+        assert len(s.objects) == s.count and 0 < s.object_pixels < 64 * 64
+        for o in s.objects:  # radius x the per-shape area factor (0.848 .. 1.266)
+            assert 0.5 * 0.84 <= o["size"] <= 0.8 * 1.27 and 3.2 <= o["3d_coords"][2] <= 5.0, o
+    assert [s.image.tobytes() for s in render_many(3, range(4), 64, processes=2, layout=close_up)] == \
+        [s.image.tobytes() for s in scenes[:4]]
+    assert render_scene(3, 0, layout=ROOM).image.tobytes() == render_scene(3, 0).image.tobytes()
+    assert render_scene(3, 0).image.tobytes() != scenes[0].image.tobytes()
+    assert {s.count for s in (render_scene(3, i, layout=Layout(count=(1, 1))) for i in range(8))} == {1}
+
+
+@pytest.mark.parametrize("bad", [dict(count=(0, 2)), dict(count=(4, 3)), dict(size=(0.5, 0.2)), dict(depth=(0.5, 2.0))])
+def test_a_layout_out_of_range_is_refused_naming_the_field(bad):
+    with pytest.raises(ValueError, match=f"Layout.{next(iter(bad))} = "):
+        Layout(**bad)
 
 
 def test_render_many_equals_sequential():

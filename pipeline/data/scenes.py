@@ -25,6 +25,12 @@ could move too). Dot products and 3x3 products are written out component by comp
 a fixed order of elementwise operations. The class of scene ``index`` is ``index % 8`` (exactly balanced
 over any 8 consecutive indices). Every object is visible (at least ``min_visible_pixels`` pixels in the
 object-id buffer); otherwise the layout is redrawn keeping class and count.
+
+`Layout` holds the object draws (how many, how large, how far); `ROOM` is the embedded default's, which
+every stage renders. Other layouts serve generator experiments (`benchmarks/scenes.py` and
+`benchmarks/demo_quality.py`, flags `--objects`, `--object-size`, `--object-depth`), e.g. object-centric
+photos of one or two large objects, `Layout(count=(1, 2), size=(0.5, 0.8), depth=(3.2, 5.0))`
+(docs/findings.md, twelfth session).
 """
 
 from __future__ import annotations
@@ -69,6 +75,24 @@ def _mul(x: np.ndarray, m: np.ndarray) -> np.ndarray:
     return x[..., 0, None] * m[0] + x[..., 1, None] * m[1] + x[..., 2, None] * m[2]
 
 
+@dataclass(frozen=True)
+class Layout:
+    """The object draws of a scene, each uniform in [min, max]: `count` objects (integers), each of radius
+    `size` (metres, before the per-shape area factor), standing `depth` metres ahead of the camera."""
+
+    count: tuple[int, int] = (3, 10)
+    size: tuple[float, float] = (0.3, 0.5)
+    depth: tuple[float, float] = (2.8, 7.5)
+
+    def __post_init__(self):
+        for name, (lo, hi), low in (("count", self.count, 1), ("size", self.size, 0.05), ("depth", self.depth, 1.0)):
+            if not low <= lo <= hi:
+                raise ValueError(f"Layout.{name} = {[lo, hi]} is not allowed; expected [min, max] with {low} <= min <= max")
+
+
+ROOM = Layout()  # the embedded default: 3..10 objects, what the CLEVR count labels need
+
+
 @dataclass
 class Scene:
     image: np.ndarray  # (H, W, 3) uint8
@@ -77,6 +101,7 @@ class Scene:
     objects: list[dict] = field(default_factory=list)
     count: int = 0
     closest: float = 0.0  # min over objects of their centre's camera depth
+    object_pixels: int = 0  # pixels that show an object (the object-id buffer): not exported
 
 
 # ---------------------------------------------------------------- primitives (local frame, y up)
@@ -313,36 +338,39 @@ def _color_pair(rng, lo, hi):
     return np.stack([a, a * rng.uniform(0.6, 0.85)])
 
 
-def _draw_layout(rng, shape, count, cam):
+def _draw_layout(rng, shape, count, cam, layout: Layout) -> list[dict]:
+    """Up to `count` objects of `shape` at `layout`'s sizes and depths, kept apart on the floor (fewer if
+    500 draws could not place them: the caller redraws the camera)."""
     o, fwd, right, up, f = cam
-    layout = []
+    placed = []
     tries = 0
-    while len(layout) < count and tries < 500:
+    while len(placed) < count and tries < 500:
         tries += 1
-        size = rng.uniform(0.3, 0.5) * _AREA_SCALE[shape]  # class-independent draw, area-equalised
-        z = rng.uniform(2.8, 7.5)
+        size = rng.uniform(*layout.size) * _AREA_SCALE[shape]  # class-independent draw, area-equalised
+        z = rng.uniform(*layout.depth)
         half = (z * 0.5 / f) * 0.85 * (1.0 if z > 4 else 0.8)
         x = rng.uniform(-half, half) + o[0] + fwd[0] * z
         # keep apart in xz
         if any(np.hypot(x - q["3d_coords"][0], z - q["3d_coords"][2]) < 1.15 * (size + q["size"]) * 1.1
-               for q in layout):
+               for q in placed):
             continue
         yaw = rng.uniform(0, 2 * np.pi)
-        layout.append({
+        placed.append({
             "shape": shape, "color": str(rng.choice(list(COLORS))), "material": str(rng.choice(MATERIALS)),
             "texture": str(rng.choice(TEXTURES)), "size": float(size),
             "3d_coords": [float(x), 0.0, float(z)], "rotation": float(np.rad2deg(yaw)),
             "_phase": float(rng.uniform(0, 1)), "_albedo": float(rng.uniform(0.6, 1.2)),
         })
-    return layout
+    return placed
 
 
-def render_scene(seed: int, index: int, image_size: int = 64, min_visible_pixels: int | None = None) -> Scene:
+def render_scene(seed: int, index: int, image_size: int = 64, min_visible_pixels: int | None = None,
+                 layout: Layout = ROOM) -> Scene:
     """Render scene ``index`` of dataset ``seed``; byte-identical for the same arguments."""
     rng = np.random.default_rng([seed, index])
     label = int(index % NUM_CLASSES)
     shape = SHAPES[label]
-    count = int(rng.integers(3, 11))
+    count = int(rng.integers(layout.count[0], layout.count[1] + 1))
     if min_visible_pixels is None:
         min_visible_pixels = max(4, int(round(6 * (image_size / 64) ** 2)))
     for _attempt in range(200):
@@ -356,18 +384,18 @@ def render_scene(seed: int, index: int, image_size: int = 64, min_visible_pixels
             "wall": _color_pair(rng, 0.4, 0.75), "wall_freq": rng.uniform(1.5, 4.0),
             "ambient": rng.uniform(0.2, 0.4), "diffuse": rng.uniform(0.6, 0.95),
         }
-        layout = _draw_layout(rng, shape, count, cam)
-        if len(layout) < count:
+        placed = _draw_layout(rng, shape, count, cam, layout)
+        if len(placed) < count:
             continue
-        for ob in layout:
+        for ob in placed:
             ob["_obj"] = _Obj(shape, ob["size"], ob["3d_coords"], np.deg2rad(ob["rotation"]))
-        img, depth, counts = _render(layout, cam, image_size, light, room)
+        img, depth, counts = _render(placed, cam, image_size, light, room)
         if counts.min() >= min_visible_pixels:
             break
     else:  # pragma: no cover - practically unreachable
         raise RuntimeError(f"could not place {count} visible objects for seed={seed} index={index}")
     objects = []
-    for ob in layout:
+    for ob in placed:
         c = ob["_obj"].bcen
         u, w, z = _project(c, cam, image_size)
         objects.append({
@@ -376,16 +404,18 @@ def render_scene(seed: int, index: int, image_size: int = 64, min_visible_pixels
             "pixel_coords": [float(u), float(w), float(z)],
         })
     closest = float(min(o["pixel_coords"][2] for o in objects))
-    return Scene(image=img, depth=depth, label=label, objects=objects, count=count, closest=closest)
+    return Scene(image=img, depth=depth, label=label, objects=objects, count=count, closest=closest,
+                 object_pixels=int(counts.sum()))
 
 
 def _render_args(args):
     return render_scene(*args)
 
 
-def render_many(seed: int, indices: Sequence[int], image_size: int = 64, processes: int = 2) -> list[Scene]:
+def render_many(seed: int, indices: Sequence[int], image_size: int = 64, processes: int = 2,
+                layout: Layout = ROOM) -> list[Scene]:
     """Render many scenes in ``processes`` worker processes; results are in the order of ``indices``."""
-    args = [(seed, int(i), image_size) for i in indices]
+    args = [(seed, int(i), image_size, None, layout) for i in indices]
     if processes <= 1 or len(args) < 2:
         return [render_scene(*a) for a in args]
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
