@@ -23,6 +23,7 @@ points, so compare settings with `--seeds` against `--random-seeds`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -280,7 +281,7 @@ def main() -> None:
     random_encoder = build_encoder(cfg.model, S)
     result = {"overrides": over}
     if layout != ROOM:
-        result["layout"] = {"count": list(layout.count), "size": list(layout.size), "depth": list(layout.depth)}
+        result["layout"] = dataclasses.asdict(layout)
     if args.steps > 0:
         runs = []
         for i in range(args.seeds):

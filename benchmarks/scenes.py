@@ -11,6 +11,7 @@ it (`benchmarks/demo_quality.py` takes the same flags). Prints one JSON object.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -78,7 +79,7 @@ def main(n_probe: int = 2000, n_speed: int = 200, seed: int = 0, layout: Layout 
     chance = 1.0 / NUM_CLASSES
     return {
         "image_size": 64,
-        "layout": {"count": list(layout.count), "size": list(layout.size), "depth": list(layout.depth)},
+        "layout": dataclasses.asdict(layout),
         "images_per_s_1proc": round(ips1, 1),
         "images_per_s_2proc": round(ips2, 1),
         "probe_scenes": n_probe,

@@ -43,15 +43,20 @@ print(h.hexdigest())
 """
 
 
-def test_bytes_do_not_depend_on_the_blas_kernel():
+def test_bytes_do_not_depend_on_the_blas_kernel_or_numpys_simd():
     """DVC tracks the export by hash: images, depth and the CLEVR scene records (pixel_coords) must not move
     with OpenBLAS's kernel choice or thread count. With `@` in the renderer, Haswell, Prescott and the
-    machine's own kernel gave three different digests (the objects' pixel_coords differed in the last bits)."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("OPENBLAS")}
+    machine's own kernel gave three different digests (the objects' pixel_coords differed in the last bits).
+    Nor with the SIMD level numpy dispatches to: on an AVX-512 CPU some float64 ufuncs (tan, power) run SVML
+    kernels, so the digest is also taken with AVX-512, and with AVX2 too, switched off (where the CPU has
+    neither, those runs equal the default one)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENBLAS", "NPY_"))}
     base["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     digests = {}
+    no_avx512 = "X86_V4 AVX512_ICL AVX512_SPR"
     for extra in ({}, {"OPENBLAS_CORETYPE": "Haswell"}, {"OPENBLAS_CORETYPE": "Prescott"},
-                  {"OPENBLAS_NUM_THREADS": "1"}):
+                  {"OPENBLAS_NUM_THREADS": "1"}, {"NPY_DISABLE_CPU_FEATURES": no_avx512},
+                  {"NPY_DISABLE_CPU_FEATURES": "X86_V3 " + no_avx512}):
         proc = subprocess.run([sys.executable, "-c", _DIGEST], env={**base, **extra}, capture_output=True,
                               text=True, check=True)
         digests[str(extra)] = proc.stdout.strip()
@@ -86,6 +91,21 @@ def test_every_object_visible(monkeypatch):
     for i in range(8):
         mod.render_scene(5, i)
         assert len(seen[-1]) == mod.render_scene(5, i).count and seen[-1].min() >= 6
+
+
+def test_the_renderer_calls_no_simd_dispatched_transcendental_ufunc():
+    """The digest test above can only catch numpy's AVX-512 kernels on a CPU that has them; this one reads
+    the renderer's source for the float64 ufuncs that numpy runs through SVML there (power: `_pow`)."""
+    import ast
+
+    from pipeline.data import scenes as mod
+
+    dispatched = {"sin", "cos", "tan", "arcsin", "arccos", "arctan", "arctan2", "sinh", "cosh", "tanh", "exp",
+                  "exp2", "expm1", "log", "log2", "log10", "log1p", "power", "float_power", "cbrt"}
+    tree = ast.parse(Path(mod.__file__).read_text())
+    used = {n.attr for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "np"}
+    assert not used & dispatched, used & dispatched
 
 
 def test_another_layout_draws_within_its_ranges_and_leaves_the_default_alone():

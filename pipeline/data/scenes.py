@@ -22,7 +22,9 @@ per (seed, index), on every machine. DVC tracks the export by hash, so no BLAS c
 ``einsum``, ``linalg.norm``) is made: their kernels (chosen by CPU, ``OPENBLAS_CORETYPE``, thread count)
 round differently in the last bits (seen in the objects' ``pixel_coords``; an edge pixel or a hit test
 could move too). Dot products and 3x3 products are written out component by component (`_dot`, `_mul`):
-a fixed order of elementwise operations. The class of scene ``index`` is ``index % 8`` (exactly balanced
+a fixed order of elementwise operations. Sines, cosines, tangents and powers come from the C library
+(`math`; arrays element by element through `_sin`, `_cos`, `_pow`), not from numpy's ufuncs, which
+may run other kernels on CPUs with AVX-512 (SVML) whose last bits differ. The class of scene ``index`` is ``index % 8`` (exactly balanced
 over any 8 consecutive indices). Every object is visible (at least ``min_visible_pixels`` pixels in the
 object-id buffer); otherwise the layout is redrawn keeping class and count.
 
@@ -35,6 +37,7 @@ photos of one or two large objects, `Layout(count=(1, 2), size=(0.5, 0.8), depth
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,6 +70,25 @@ def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _norm(a: np.ndarray) -> np.ndarray:
     """Row-wise Euclidean norm of (..., 3): (...)."""
     return np.sqrt(_dot(a, a))
+
+
+_SIN, _COS = np.frompyfunc(math.sin, 1, 1), np.frompyfunc(math.cos, 1, 1)
+_POW = np.frompyfunc(math.pow, 2, 1)
+
+
+def _sin(x) -> np.ndarray:
+    """sin of every element, from the C library: the same bits on every x86 CPU (numpy's may not be)."""
+    return np.asarray(_SIN(x), dtype=float)
+
+
+def _cos(x) -> np.ndarray:
+    """cos of every element, from the C library (see `_sin`)."""
+    return np.asarray(_COS(x), dtype=float)
+
+
+def _pow(x, y) -> np.ndarray:
+    """x ** y elementwise (broadcast), from the C library (see `_sin`)."""
+    return np.asarray(_POW(x, y), dtype=float)
 
 
 def _mul(x: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -107,7 +129,7 @@ class Scene:
 # ---------------------------------------------------------------- primitives (local frame, y up)
 def _prism_planes(n: int, r: float, y0: float, y1: float):
     th = 2 * np.pi * np.arange(n) / n
-    nrm = np.stack([np.cos(th), np.zeros(n), np.sin(th)], 1)
+    nrm = np.stack([_cos(th), np.zeros(n), _sin(th)], 1)
     d = np.full(n, r)
     nrm = np.concatenate([nrm, [[0, 1, 0], [0, -1, 0]]])
     d = np.concatenate([d, [y1, -y0]])
@@ -116,7 +138,7 @@ def _prism_planes(n: int, r: float, y0: float, y1: float):
 
 def _pyramid_planes(n: int, a: float, h: float):
     th = 2 * np.pi * np.arange(n) / n
-    nrm = np.stack([h * np.cos(th), np.full(n, a), h * np.sin(th)], 1)
+    nrm = np.stack([h * _cos(th), np.full(n, a), h * _sin(th)], 1)
     ln = _norm(nrm)
     nrm = nrm / ln[:, None]
     d = a * h / ln
@@ -143,7 +165,7 @@ def _make_parts(shape: str, s: float):
     if shape == "capsule":
         r, hl = 0.6 * s, 0.9 * s
         th = 2 * np.pi * np.arange(16) / 16
-        nrm = np.stack([np.zeros(16), np.cos(th), np.sin(th)], 1)
+        nrm = np.stack([np.zeros(16), _cos(th), _sin(th)], 1)
         d = r + nrm[:, 1] * r  # axis along x at height r
         nrm = np.concatenate([nrm, [[1, 0, 0], [-1, 0, 0]]])
         d = np.concatenate([d, [hl, hl]])
@@ -154,7 +176,7 @@ def _make_parts(shape: str, s: float):
         parts = []
         for k in range(3):
             th = k * np.pi / 3
-            ax, pe = np.array([np.cos(th), 0, np.sin(th)]), np.array([-np.sin(th), 0, np.cos(th)])
+            ax, pe = np.array([math.cos(th), 0, math.sin(th)]), np.array([-math.sin(th), 0, math.cos(th)])
             nrm = np.stack([ax, -ax, pe, -pe, [0, 1, 0], [0, -1, 0]])
             parts.append(("planes", nrm, np.array([ln, ln, w, w, h, 0.0])))
         return parts, np.array([0, h / 2, 0.0]), 1.3 * s
@@ -192,7 +214,7 @@ def _hit_sphere(o, v, c, r):
 class _Obj:
     def __init__(self, shape, size, pos, yaw):
         self.parts, bc, self.brad = _make_parts(shape, size)
-        c, s = np.cos(yaw), np.sin(yaw)
+        c, s = math.cos(yaw), math.sin(yaw)
         self.R = np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])  # local -> world
         self.pos = np.asarray(pos, float)
         self.bcen = self.pos + _mul(bc, self.R.T)
@@ -231,7 +253,7 @@ def _texture(kind, lp, scale, rng_phase):
     if kind == "solid":
         return np.ones(len(lp))
     if kind == "stripes":
-        return np.where(np.sin(lp[:, 1] / scale * 9.0 + rng_phase) > 0, 1.0, 0.55)
+        return np.where(_sin(lp[:, 1] / scale * 9.0 + rng_phase) > 0, 1.0, 0.55)
     q = np.floor(lp / (scale * 0.45) + rng_phase).astype(int).sum(1)
     return np.where(q % 2 == 0, 1.0, 0.55)
 
@@ -242,13 +264,13 @@ def _camera(rng):
     yaw = np.deg2rad(rng.uniform(-8, 8))
     roll = np.deg2rad(rng.uniform(-5, 5))
     fov = np.deg2rad(rng.uniform(32.5, 40.3))  # a tele lens: objects ~26 % of the pixels, not ~12 %
-    cy, sy, cp, sp, cr, sr = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
+    cy, sy, cp, sp, cr, sr = math.cos(yaw), math.sin(yaw), math.cos(pitch), math.sin(pitch), math.cos(roll), math.sin(roll)
     fwd = np.array([sy * cp, -sp, cy * cp])
     right0 = np.array([cy, 0, -sy])
     up0 = np.cross(fwd, right0)
     right = cr * right0 + sr * up0
     up = -sr * right0 + cr * up0
-    f = 0.5 / np.tan(fov / 2)
+    f = 0.5 / math.tan(fov / 2)
     return np.array([0.0, h, 0.0]), fwd, right, up, f
 
 
@@ -290,7 +312,7 @@ def _render(layout, cam, image_size, light, room):
     chk = (np.floor(P[fl, 0] / room["tile"]) + np.floor(P[fl, 2] / room["tile"])) % 2
     base[fl] = np.where(chk[:, None] == 0, room["floor"][0], room["floor"][1])
     wl = ids == -2
-    stp = np.sin(P[wl, 0] * room["wall_freq"]) > 0.6
+    stp = _sin(P[wl, 0] * room["wall_freq"]) > 0.6
     base[wl] = np.where(stp[:, None], room["wall"][1], room["wall"][0])
     spec_k = np.zeros(npx)
     shin = np.full(npx, 8.0)
@@ -325,9 +347,9 @@ def _render(layout, cam, image_size, light, room):
     H /= _norm(H)[:, None] + 1e-12
     ndh = np.clip(_dot(nrm, H), 0, 1)
     diff = np.where(vis, ndl, 0.0)
-    spec = np.where(vis, spec_k * ndh**shin, 0.0)
+    spec = np.where(vis, spec_k * _pow(ndh, shin), 0.0)
     col = base * (room["ambient"] + room["diffuse"] * diff[:, None]) + spec[:, None]
-    img = (np.clip(col, 0, 1) ** (1 / 2.2) * 255 + 0.5).astype(np.uint8).reshape(n, n, 3)
+    img = (_pow(np.clip(col, 0, 1), 1 / 2.2) * 255 + 0.5).astype(np.uint8).reshape(n, n, 3)
     depth = np.clip(t * _dot(v, fwd), 0, MAX_DEPTH).astype(np.float32).reshape(n, n)
     counts = np.bincount(ids[ids >= 0], minlength=len(layout))
     return img, depth, counts
