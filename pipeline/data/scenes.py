@@ -24,8 +24,8 @@ round differently in the last bits (seen in the objects' ``pixel_coords``; an ed
 could move too). Dot products and 3x3 products are written out component by component (`_dot`, `_mul`):
 a fixed order of elementwise operations. Sines, cosines, tangents and powers come from the C library
 (`math`; arrays element by element through `_sin`, `_cos`, `_pow`), not from numpy's ufuncs, which
-may run other kernels on CPUs with AVX-512 (SVML) whose last bits differ. The class of scene ``index`` is ``index % 8`` (exactly balanced
-over any 8 consecutive indices). Every object is visible (at least ``min_visible_pixels`` pixels in the
+may run other kernels on CPUs with AVX-512 (SVML) whose last bits differ. The class of scene ``index``
+is ``index % 8`` (exactly balanced over any 8 consecutive indices). Every object is visible (at least ``min_visible_pixels`` pixels in the
 object-id buffer); otherwise the layout is redrawn keeping class and count.
 
 `Layout` holds the object draws (how many, how large, how far); `ROOM` is the embedded default's, which
@@ -109,7 +109,8 @@ class Layout:
     def __post_init__(self):
         for name, (lo, hi), low in (("count", self.count, 1), ("size", self.size, 0.05), ("depth", self.depth, 1.0)):
             if not low <= lo <= hi:
-                raise ValueError(f"Layout.{name} = {[lo, hi]} is not allowed; expected [min, max] with {low} <= min <= max")
+                raise ValueError(f"Layout.{name} = {[lo, hi]} is not allowed; "
+                                 f"expected [min, max] with {low} <= min <= max")
 
 
 ROOM = Layout()  # the embedded default: 3..10 objects, what the CLEVR count labels need
@@ -264,7 +265,9 @@ def _camera(rng):
     yaw = np.deg2rad(rng.uniform(-8, 8))
     roll = np.deg2rad(rng.uniform(-5, 5))
     fov = np.deg2rad(rng.uniform(32.5, 40.3))  # a tele lens: objects ~26 % of the pixels, not ~12 %
-    cy, sy, cp, sp, cr, sr = math.cos(yaw), math.sin(yaw), math.cos(pitch), math.sin(pitch), math.cos(roll), math.sin(roll)
+    cy, sy = math.cos(yaw), math.sin(yaw)
+    cp, sp = math.cos(pitch), math.sin(pitch)
+    cr, sr = math.cos(roll), math.sin(roll)
     fwd = np.array([sy * cp, -sp, cy * cp])
     right0 = np.array([cy, 0, -sy])
     up0 = np.cross(fwd, right0)
