@@ -44,7 +44,7 @@ def test_readouts_without_a_saved_encoder_stop_in_one_line_with_exit_2(monkeypat
     assert len(err) == 1 and str(missing) in err[0] and "make repro" in err[0]
 
 
-def test_scenes_benchmark_refuses_a_bad_layout_in_one_line(monkeypatch, capsys):
+def test_scenes_benchmark_refuses_a_bad_layout_in_one_line(capsys):
     bench = _load("scenes")
     import argparse
 
